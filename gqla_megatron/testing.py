@@ -1,0 +1,130 @@
+"""Test helpers shared by the test tiers: tolerances, comparison reports, and (for the
+Megatron tiers) process-group setup and full <-> sharded state-dict plumbing.
+
+Tolerance table (why each number):
+  FP64_IDENTITY  1e-10  reference-vs-reference identities in float64; only summation order differs
+  FP32_PARITY    1e-6   Megatron fp32 vs reference fp32 / TP vs TP=1, relative to the tensor's max
+  BF16_COSINE    0.9999 bf16 vs fp32 reference (torchtitan / Megatron practice)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Dict, Iterator, Optional
+
+import torch
+
+FP64_IDENTITY = 1e-10
+FP32_PARITY = 1e-6
+BF16_COSINE = 0.9999
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor) -> dict:
+    """max/mean abs diff, relative diff (to max |expected|), cosine, index of worst element."""
+    a, e = actual.detach().double().flatten(), expected.detach().double().flatten()
+    if a.shape != e.shape:
+        raise AssertionError(f"shape mismatch {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    d = (a - e).abs()
+    scale = e.abs().max().clamp_min(1e-30)
+    cos = torch.nn.functional.cosine_similarity(a, e, dim=0).item() if a.numel() else 1.0
+    return {"max_abs": d.max().item() if d.numel() else 0.0, "mean_abs": d.mean().item() if d.numel() else 0.0,
+            "rel": (d.max() / scale).item() if d.numel() else 0.0, "cos": cos,
+            "worst": int(d.argmax()) if d.numel() else -1}
+
+
+def assert_close_report(name: str, actual, expected, *, rel: Optional[float] = None,
+                        atol: Optional[float] = None, cos: Optional[float] = None) -> dict:
+    r = compare(actual, expected)
+    bad = ((rel is not None and r["rel"] > rel) or (atol is not None and r["max_abs"] > atol)
+           or (cos is not None and r["cos"] < cos))
+    if bad:
+        raise AssertionError(f"{name}: {r} (limits rel={rel} atol={atol} cos={cos})")
+    return r
+
+
+# ---------------------------------------------------------------------------------------
+# Megatron helpers (import megatron lazily)
+# ---------------------------------------------------------------------------------------
+def init_distributed() -> None:
+    """gloo process group from torchrun's env, or a 1-process group for plain pytest."""
+    import torch.distributed as dist
+
+    import gqla_megatron.megatron  # noqa: F401  (CPU patches first)
+
+    if dist.is_initialized():
+        return
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    else:
+        store = dist.FileStore(tempfile.mktemp(prefix="gqla_pg_"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Iterator[None]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    init_distributed()
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(seed)
+    try:
+        yield
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _layer_offset(model) -> int:
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    return get_transformer_layer_offset(model.config)
+
+
+def _global_key(key: str, offset: int) -> str:
+    if key.startswith("decoder.layers."):
+        head, rest = key[len("decoder.layers."):].split(".", 1)
+        return f"decoder.layers.{int(head) + offset}.{rest}"
+    return key
+
+
+def full_state_dict(model) -> Dict[str, torch.Tensor]:
+    """Parameters of a TP=1, PP=1 model by name (no TE extra state), detached clones."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _tp_slice(param, full: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    if getattr(param, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+        dim, size = param.partition_dim, param.shape[param.partition_dim]
+        return full.narrow(dim, ps.get_tensor_model_parallel_rank() * size, size)
+    return full
+
+
+def load_full_state_dict(model, full: Dict[str, torch.Tensor]) -> None:
+    """Copy full (TP=1, global-layer-numbered) tensors into this rank's shards of ``model``."""
+    offset = _layer_offset(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            src = full[_global_key(name, offset)]
+            p.copy_(_tp_slice(p, src).to(p.dtype))
+
+
+def grad_errors(model, full_grads: Dict[str, torch.Tensor], *, sequence_parallel: bool) -> dict:
+    """name -> compare() of this rank's gradient shard against the matching slice of a TP=1
+    gradient. Sequence-parallel parameters (norms) get their partial gradients summed over TP
+    first, as ``finalize_model_grads`` would."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    offset = _layer_offset(model)
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        if sequence_parallel and getattr(p, "sequence_parallel", False):
+            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+        out[name] = compare(g, _tp_slice(p, full_grads[_global_key(name, offset)]))
+    return out
