@@ -3,7 +3,11 @@ Megatron tiers) process-group setup and full <-> sharded state-dict plumbing.
 
 Tolerance table (why each number):
   FP64_IDENTITY  1e-10  reference-vs-reference identities in float64; only summation order differs
-  FP32_PARITY    1e-6   Megatron fp32 vs reference fp32 / TP vs TP=1, relative to the tensor's max
+  FP32_PARITY    1e-6   Megatron fp32 vs reference fp32 / TP vs TP=1: relative L2 error
+                        ||a - b|| / ||b|| (fp32 eps is 1.2e-7; TP changes summation order)
+  FP32_PARITY_MAX 5e-6  the same comparison, worst element relative to max |b| (measured worst
+                        1.2e-6 over all parameters of the TP/PP/SP layouts; a real sharding bug,
+                        e.g. upstream #1699, gives 0.7)
   BF16_COSINE    0.9999 bf16 vs fp32 reference (torchtitan / Megatron practice)
 """
 
@@ -18,6 +22,7 @@ import torch
 
 FP64_IDENTITY = 1e-10
 FP32_PARITY = 1e-6
+FP32_PARITY_MAX = 5e-6
 BF16_COSINE = 0.9999
 
 
@@ -29,18 +34,24 @@ def compare(actual: torch.Tensor, expected: torch.Tensor) -> dict:
     d = (a - e).abs()
     scale = e.abs().max().clamp_min(1e-30)
     cos = torch.nn.functional.cosine_similarity(a, e, dim=0).item() if a.numel() else 1.0
-    return {"max_abs": d.max().item() if d.numel() else 0.0, "mean_abs": d.mean().item() if d.numel() else 0.0,
+    rel_l2 = ((a - e).norm() / e.norm().clamp_min(1e-30)).item() if a.numel() else 0.0
+    return {"rel_l2": rel_l2, "max_abs": d.max().item() if d.numel() else 0.0, "mean_abs": d.mean().item() if d.numel() else 0.0,
             "rel": (d.max() / scale).item() if d.numel() else 0.0, "cos": cos,
             "worst": int(d.argmax()) if d.numel() else -1}
 
 
-def assert_close_report(name: str, actual, expected, *, rel: Optional[float] = None,
-                        atol: Optional[float] = None, cos: Optional[float] = None) -> dict:
+def exceeds(r: dict, *, rel_l2=None, rel=None, atol=None, cos=None) -> bool:
+    return ((rel_l2 is not None and r["rel_l2"] > rel_l2) or (rel is not None and r["rel"] > rel)
+            or (atol is not None and r["max_abs"] > atol) or (cos is not None and r["cos"] < cos))
+
+
+def assert_close_report(name: str, actual, expected, *, rel_l2: Optional[float] = None,
+                        rel: Optional[float] = None, atol: Optional[float] = None,
+                        cos: Optional[float] = None) -> dict:
+    """Compare and raise with the full report when any given limit is exceeded."""
     r = compare(actual, expected)
-    bad = ((rel is not None and r["rel"] > rel) or (atol is not None and r["max_abs"] > atol)
-           or (cos is not None and r["cos"] < cos))
-    if bad:
-        raise AssertionError(f"{name}: {r} (limits rel={rel} atol={atol} cos={cos})")
+    if exceeds(r, rel_l2=rel_l2, rel=rel, atol=atol, cos=cos):
+        raise AssertionError(f"{name}: {r} (limits rel_l2={rel_l2} rel={rel} atol={atol} cos={cos})")
     return r
 
 
@@ -95,13 +106,19 @@ def full_state_dict(model) -> Dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _tp_slice(param, full: torch.Tensor) -> torch.Tensor:
+def _tp_slice(name: str, param, full: torch.Tensor, config) -> torch.Tensor:
+    """This TP rank's shard of a full tensor. A gated MLP's ``linear_fc1`` is [gate ; up] in
+    full but each rank holds [gate_shard ; up_shard] (Megatron's swiglu sharding)."""
     from megatron.core import parallel_state as ps
 
-    if getattr(param, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
-        dim, size = param.partition_dim, param.shape[param.partition_dim]
-        return full.narrow(dim, ps.get_tensor_model_parallel_rank() * size, size)
-    return full
+    if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
+        return full
+    dim, size = param.partition_dim, param.shape[param.partition_dim]
+    rank = ps.get_tensor_model_parallel_rank()
+    if name.endswith("mlp.linear_fc1.weight") and config.gated_linear_unit:
+        half = size // 2
+        return torch.cat([c.narrow(dim, rank * half, half) for c in full.chunk(2, dim=dim)], dim)
+    return full.narrow(dim, rank * size, size)
 
 
 def load_full_state_dict(model, full: Dict[str, torch.Tensor]) -> None:
@@ -110,7 +127,7 @@ def load_full_state_dict(model, full: Dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             src = full[_global_key(name, offset)]
-            p.copy_(_tp_slice(p, src).to(p.dtype))
+            p.copy_(_tp_slice(name, p, src, model.config).to(p.dtype))
 
 
 def grad_errors(model, full_grads: Dict[str, torch.Tensor], *, sequence_parallel: bool) -> dict:
@@ -126,5 +143,26 @@ def grad_errors(model, full_grads: Dict[str, torch.Tensor], *, sequence_parallel
         g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         if sequence_parallel and getattr(p, "sequence_parallel", False):
             dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-        out[name] = compare(g, _tp_slice(p, full_grads[_global_key(name, offset)]))
+        out[name] = compare(g, _tp_slice(name, p, full_grads[_global_key(name, offset)], model.config))
     return out
+
+
+def sync_embedding_grads(model) -> None:
+    """Sum the word-embedding gradients of the first and last pipeline stages, as
+    ``finalize_model_grads`` (``_allreduce_word_embedding_grads``) does for models that are not
+    wrapped in Megatron's DDP. The last stage holds a copy of the embedding when the output
+    weights are tied or when it runs MTP (MTP embeds the shifted tokens)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tied = model.share_embeddings_and_output_weights
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not (tied or model.config.mtp_num_layers):
+        return
+    group = ps.get_embedding_group(check_initialized=False)
+    if group is None or dist.get_rank() not in dist.get_process_group_ranks(group):
+        return
+    if model.pre_process or not tied:
+        weight = model.embedding.word_embeddings.weight
+    else:
+        weight = model.output_layer.weight
+    dist.all_reduce(weight.grad, group=group)
