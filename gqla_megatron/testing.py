@@ -114,7 +114,11 @@ def _tp_slice(name: str, param, full: torch.Tensor, config) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
         return full
     dim, size = param.partition_dim, param.shape[param.partition_dim]
-    rank = ps.get_tensor_model_parallel_rank()
+    rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    if tuple(param.shape) == tuple(full.shape):
+        return full  # marked TP-parallel but replicated (e.g. TE's fused norm weights)
+    if full.shape[dim] != size * tp:
+        raise ValueError(f"{name}: full size {full.shape[dim]} on dim {dim} is not TP={tp} x {size}")
     if name.endswith("mlp.linear_fc1.weight") and config.gated_linear_unit:
         half = size // 2
         return torch.cat([c.narrow(dim, rank * half, half) for c in full.chunk(2, dim=dim)], dim)
@@ -166,3 +170,13 @@ def sync_embedding_grads(model) -> None:
     else:
         weight = model.output_layer.weight
     dist.all_reduce(weight.grad, group=group)
+
+
+def assert_all_ranks(ok: bool, detail) -> None:
+    """Fail on every rank if any rank failed, so no rank is left waiting in a collective."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if ok else 1], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag)
+    assert ok, detail
+    assert flag.item() == 0, "another rank failed this check (see its log)"

@@ -24,7 +24,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler  
 from gqla_megatron.megatron import build_gqla_gpt_model, cpu_compat, tiny_config  # noqa: E402
 from gqla_megatron.testing import (  # noqa: E402
     FP32_PARITY, FP32_PARITY_MAX, assert_close_report, compare, exceeds, full_state_dict, grad_errors, init_distributed,
-    load_full_state_dict, model_parallel, sync_embedding_grads)
+    load_full_state_dict, model_parallel, sync_embedding_grads, assert_all_ranks)
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 pytestmark = [pytest.mark.dist,
@@ -150,14 +150,6 @@ def test_without_the_rope_grad_fix_tp_gradients_are_wrong(monkeypatch):
     bad = sorted(k for k, v in errs.items() if exceeds(v, **PARITY[torch.float32]))
     assert any("linear_kv_down_proj" in k for k in bad), bad
     assert any("input_layernorm" in k for k in bad), bad
-
-
-def assert_all_ranks(ok: bool, detail) -> None:
-    """Fail on every rank if any rank failed, so no rank is left waiting in a collective."""
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    assert ok, detail
-    assert flag.item() == 0, "another rank failed this check (see its log)"
 
 
 def _shared_tmpdir():
