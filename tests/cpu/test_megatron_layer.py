@@ -111,3 +111,26 @@ def test_static_inference_cache_matches_full_forward():
         k_cache, _ = ctx.key_value_memory_dict[1]
         assert k_cache.shape[2] == cfg.num_query_groups  # g KV heads, not h_q
         assert_close_report("static-cache decode", torch.cat(outs, 1), full, rel_l2=FP32_PARITY, rel=FP32_PARITY_MAX)
+
+
+def test_stock_megatron_lm_spec_hook_with_plain_mla_config():
+    """What Megatron-LM's --spec does: import the object by name, build a GPTModel from a plain
+    MLATransformerConfig (num_query_groups = g), and get GQLA layers."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.spec_utils import import_module
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    spec = import_module(("gqla_megatron.megatron.mlm_spec", "gqla_local_layer_spec"))
+    kw = dict(tiny_config().__dict__)
+    with model_parallel(1, 1):
+        cfg = MLATransformerConfig(**{k: v for k, v in kw.items() if k in MLATransformerConfig.__dataclass_fields__})
+        model = GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=64, position_embedding_type="rope")
+        w = model.decoder.layers[0].self_attention.linear_kv_up_proj.weight
+        assert w.shape[0] == cfg.num_query_groups * (cfg.qk_head_dim + cfg.v_head_dim)
+        tok, pos = tokens()
+        assert torch.isfinite(model(tok, pos, None)).all()
+        bad = MLATransformerConfig(**{**{k: v for k, v in kw.items() if k in MLATransformerConfig.__dataclass_fields__},
+                                      "num_query_groups": 8, "tensor_model_parallel_size": 1})
+        bad.num_query_groups = 3  # as a mistyped --num-query-groups would arrive
+        with pytest.raises(ValueError, match=r"num_query_groups \(3\) must divide"):
+            GPTModel(bad, spec, vocab_size=VOCAB, max_sequence_length=64, position_embedding_type="rope")
