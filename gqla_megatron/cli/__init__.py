@@ -1,0 +1,1 @@
+"""Command-line tools of gqla-megatron (``python -m gqla_megatron.cli.<tool>``)."""
