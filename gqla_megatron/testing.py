@@ -88,17 +88,13 @@ def model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Iterator[None]
         ps.destroy_model_parallel()
 
 
+from gqla_megatron.megatron.sharding import global_layer_key  # noqa: E402  (torch-only module)
+
+
 def _layer_offset(model) -> int:
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     return get_transformer_layer_offset(model.config)
-
-
-def _global_key(key: str, offset: int) -> str:
-    if key.startswith("decoder.layers."):
-        head, rest = key[len("decoder.layers."):].split(".", 1)
-        return f"decoder.layers.{int(head) + offset}.{rest}"
-    return key
 
 
 def full_state_dict(model) -> Dict[str, torch.Tensor]:
@@ -107,22 +103,13 @@ def full_state_dict(model) -> Dict[str, torch.Tensor]:
 
 
 def _tp_slice(name: str, param, full: torch.Tensor, config) -> torch.Tensor:
-    """This TP rank's shard of a full tensor. A gated MLP's ``linear_fc1`` is [gate ; up] in
-    full but each rank holds [gate_shard ; up_shard] (Megatron's swiglu sharding)."""
     from megatron.core import parallel_state as ps
 
-    if not getattr(param, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_world_size() == 1:
-        return full
-    dim, size = param.partition_dim, param.shape[param.partition_dim]
-    rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    if tuple(param.shape) == tuple(full.shape):
-        return full  # marked TP-parallel but replicated (e.g. TE's fused norm weights)
-    if full.shape[dim] != size * tp:
-        raise ValueError(f"{name}: full size {full.shape[dim]} on dim {dim} is not TP={tp} x {size}")
-    if name.endswith("mlp.linear_fc1.weight") and config.gated_linear_unit:
-        half = size // 2
-        return torch.cat([c.narrow(dim, rank * half, half) for c in full.chunk(2, dim=dim)], dim)
-    return full.narrow(dim, rank * size, size)
+    from gqla_megatron.megatron.sharding import tp_shard
+
+    return tp_shard(name, param, full, gated_linear_unit=config.gated_linear_unit,
+                    tp_rank=ps.get_tensor_model_parallel_rank(),
+                    tp_size=ps.get_tensor_model_parallel_world_size())
 
 
 def load_full_state_dict(model, full: Dict[str, torch.Tensor]) -> None:
@@ -130,7 +117,7 @@ def load_full_state_dict(model, full: Dict[str, torch.Tensor]) -> None:
     offset = _layer_offset(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            src = full[_global_key(name, offset)]
+            src = full[global_layer_key(name, offset)]
             p.copy_(_tp_slice(name, p, src, model.config).to(p.dtype))
 
 
@@ -147,7 +134,7 @@ def grad_errors(model, full_grads: Dict[str, torch.Tensor], *, sequence_parallel
         g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         if sequence_parallel and getattr(p, "sequence_parallel", False):
             dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-        out[name] = compare(g, _tp_slice(name, p, full_grads[_global_key(name, offset)], model.config))
+        out[name] = compare(g, _tp_slice(name, p, full_grads[global_layer_key(name, offset)], model.config))
     return out
 
 
