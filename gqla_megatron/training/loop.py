@@ -39,7 +39,7 @@ def _common_config(args, cuda: bool) -> dict:
         pipeline_dtype=dtype if args.pipeline_model_parallel_size > 1 else None,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02, layernorm_epsilon=1e-5,
-        use_cpu_initialization=not cuda, gradient_accumulation_fusion=te and cuda,
+        use_cpu_initialization=not cuda, gradient_accumulation_fusion=False,  # needs apex for the LM head
         bias_activation_fusion=cuda, bias_dropout_fusion=cuda, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, mtp_num_layers=args.mtp_num_layers,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
