@@ -149,8 +149,9 @@ def validate(args) -> None:
         validate_data_path(args.data_path)
     if args.load and not os.path.isdir(args.load):
         raise ValueError(f"--load {args.load}: no such directory")
-    if args.engine == "deepspeed" and pp > 1:
-        raise ValueError("--engine deepspeed supports --pipeline-model-parallel-size 1 only")
+    if args.engine == "deepspeed":
+        raise ValueError("--engine deepspeed is not implemented yet (issue #3); use --engine megatron "
+                         "with --use-distributed-optimizer for ZeRO-1-style sharding")
     if args.train_iters <= 0:
         raise ValueError(f"--train-iters must be > 0, got {args.train_iters}")
 
