@@ -149,9 +149,9 @@ def validate(args) -> None:
         validate_data_path(args.data_path)
     if args.load and not os.path.isdir(args.load):
         raise ValueError(f"--load {args.load}: no such directory")
-    if args.engine == "deepspeed":
-        raise ValueError("--engine deepspeed is not implemented yet (issue #3); use --engine megatron "
-                         "with --use-distributed-optimizer for ZeRO-1-style sharding")
+    if args.engine == "deepspeed" and (pp > 1 or args.sequence_parallel):
+        raise ValueError("--engine deepspeed supports neither --pipeline-model-parallel-size > 1 "
+                         "nor --sequence-parallel")
     if args.train_iters <= 0:
         raise ValueError(f"--train-iters must be > 0, got {args.train_iters}")
 

@@ -100,8 +100,29 @@ def pretrain(args) -> list:
 
         layout_invariant_init_(model, config, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
+    tokenizer = TokenizerInfo(vocab_size=args.vocab_size, eod=args.eod_token_id)
+    build = lambda: build_train_dataset(  # noqa: E731
+        mock=args.mock_data, data_path=args.data_path or [], split=args.split, seq_length=args.seq_length,
+        num_samples=args.train_iters * args.global_batch_size, tokenizer=tokenizer, seed=args.seed,
+        cache_dir=args.data_cache_path)
+    if rank == 0:  # rank 0 writes Megatron's index cache first; the others then read it
+        dataset = build()
+    dist.barrier()
+    if rank != 0:
+        dataset = build()
+    device = torch.cuda.current_device() if cuda else "cpu"
+    def make_data(start_iteration):
+        return microbatches(dataset, start_iteration=start_iteration, global_batch_size=args.global_batch_size,
+                            micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp)
+
+    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
     if cuda:
         model.cuda(torch.cuda.current_device())
+    if args.engine == "deepspeed":
+        from gqla_megatron.training.ds_engine import train_deepspeed
+
+        return train_deepspeed(args, model, make_data, num_micro=num_micro, device=device,
+                               n_params=n_params, log_rank=log_rank)
     if args.bf16:
         model = Float16Module(config, model)
     model = DistributedDataParallel(
@@ -124,21 +145,7 @@ def pretrain(args) -> list:
     start = 0
     if args.load:
         start = ckpt.load_checkpoint(args.load, model, optimizer, scheduler)
-
-    tokenizer = TokenizerInfo(vocab_size=args.vocab_size, eod=args.eod_token_id)
-    build = lambda: build_train_dataset(  # noqa: E731
-        mock=args.mock_data, data_path=args.data_path or [], split=args.split, seq_length=args.seq_length,
-        num_samples=args.train_iters * args.global_batch_size, tokenizer=tokenizer, seed=args.seed,
-        cache_dir=args.data_cache_path)
-    if rank == 0:  # rank 0 writes Megatron's index cache first; the others then read it
-        dataset = build()
-    dist.barrier()
-    if rank != 0:
-        dataset = build()
-    device = torch.cuda.current_device() if cuda else "cpu"
-    data = microbatches(dataset, start_iteration=start, global_batch_size=args.global_batch_size,
-                        micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp)
-    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    data = make_data(start)
 
     def forward_step(data_iterator, model):
         b = {k: v.to(device) for k, v in next(data_iterator).items()}
