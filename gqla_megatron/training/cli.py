@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fp8-format", choices=("e4m3", "hybrid"), default=None, help="FP8 via TE")
     t.add_argument("--fp8-recipe", choices=("delayed", "tensorwise", "mxfp8", "blockwise"),
                    default="delayed", help="TE FP8 scaling recipe")
+    t.add_argument("--fp8-amax-history-len", type=int, default=1, help="delayed scaling: amax history length")
+    t.add_argument("--fp8-amax-compute-algo", choices=("most_recent", "max"), default="most_recent",
+                   help="delayed scaling: amax reduction over the history")
     t.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
                    help="activation recomputation")
     t.add_argument("--recompute-method", choices=("uniform", "block"), default=None, help="full recompute method")

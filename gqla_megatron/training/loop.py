@@ -48,8 +48,9 @@ def _common_config(args, cuda: bool) -> dict:
     if args.recompute_modules:
         cfg["recompute_modules"] = args.recompute_modules
     if args.fp8_format:
-        cfg.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_amax_history_len=1024,
-                   fp8_amax_compute_algo="max")
+        cfg.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
+                   fp8_amax_history_len=args.fp8_amax_history_len,
+                   fp8_amax_compute_algo=args.fp8_amax_compute_algo)
     return cfg
 
 
