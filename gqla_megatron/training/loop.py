@@ -71,6 +71,7 @@ def pretrain(args) -> list:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     from gqla_megatron.megatron import cpu_compat
     from gqla_megatron.training import checkpoint as ckpt
@@ -184,6 +185,10 @@ def pretrain(args) -> list:
                         micro_batch_size=args.micro_batch_size, forward_only=False)
             ok, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
+            mtp_losses = {}
+            if config.mtp_num_layers:  # a no-op on ranks without MTP layers
+                MTPLossLoggingHelper.track_mtp_metrics(loss_scale=1.0 / num_micro, iteration=it + 1,
+                                                       writer=None, total_loss_dict=mtp_losses)
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -197,7 +202,7 @@ def pretrain(args) -> list:
                      "grad norm": float(grad_norm) if grad_norm is not None else float("nan"),
                      "step time s": dt, "tokens per s": tokens_per_iter / dt,
                      "TFLOP/s per GPU": tflops, "MFU": tflops / args.peak_tflops, "memory GiB": mem,
-                     "update ok": bool(ok)}
+                     "update ok": bool(ok), **{k: float(v) for k, v in mtp_losses.items()}}
                 history.append(m)
                 tracker.log(it, {k: v for k, v in m.items() if k != "iteration"})
                 if metrics_out:

@@ -276,3 +276,13 @@ def test_deepspeed_zero2_close_to_megatron_optimizer(single, tmp_path):
     assert (ckpt / "latest").read_text().strip() == "iter_0000006"
     r = run(BASE + ["--engine", "deepspeed", "--load", str(ckpt), "--train-iters", "7"], nproc=2)
     assert r.returncode == 0 and "start iteration 6" in r.stdout, r.stderr[-3000:]
+
+
+def test_mtp_loss_is_logged_with_pipeline_parallel(tmp_path):
+    out = tmp_path / "m.jsonl"
+    r = run(BASE + ["--mtp-num-layers", "1", "--pipeline-model-parallel-size", "2", "--train-iters", "3",
+                    "--metrics-file", str(out)], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(l) for l in open(out)]
+    assert len(rows) == 3 and all(row["mtp_1 loss"] > 0 for row in rows)
+    assert rows[-1]["mtp_1 loss"] < rows[0]["mtp_1 loss"]
