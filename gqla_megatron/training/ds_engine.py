@@ -10,7 +10,6 @@ Pipeline parallelism and sequence parallelism are not supported on this engine.
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -51,10 +50,9 @@ def train_deepspeed(args, model, make_data, *, num_micro: int, device, n_params:
         import deepspeed
     except ImportError as e:
         raise ValueError("--engine deepspeed needs deepspeed (pip install 'gqla-megatron[deepspeed]')") from e
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
+    from gqla_megatron.training.loop import build_scheduler
     from gqla_megatron.training.models import flops_per_iteration
-    from gqla_megatron.training.tracking import Tracker
+    from gqla_megatron.training.tracking import RunLogger
 
     mpu = MegatronMPU()
     ds_config = {
@@ -70,10 +68,7 @@ def train_deepspeed(args, model, make_data, *, num_micro: int, device, n_params:
                             eps=1e-8, weight_decay=args.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=mpu,
                                                    dist_init_required=False)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.train_iters, lr_decay_style="cosine", start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant")
+    scheduler = build_scheduler(optimizer, args)
     start = 0
     if args.load:
         path, client = engine.load_checkpoint(args.load)
@@ -84,17 +79,12 @@ def train_deepspeed(args, model, make_data, *, num_micro: int, device, n_params:
     data = make_data(start)
     rank, world = dist.get_rank(), dist.get_world_size()
     dp_group, dp = mpu.get_data_parallel_group(), mpu.get_data_parallel_world_size()
-    tracker = Tracker(enabled=rank == log_rank, config=vars(args), wandb_project=args.wandb_project,
-                      wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
-                      tensorboard_dir=args.tensorboard_dir)
-    metrics_out = open(args.metrics_file, "a") if (args.metrics_file and rank == log_rank) else None
-    if rank == log_rank:
-        print(f"gqla-pretrain: {args.attention} {args.recipe} on DeepSpeed ZeRO-{args.zero_stage}, "
-              f"{n_params:,} params on this rank, world {world} = TP {args.tensor_model_parallel_size} x DP {dp},"
-              f" start iteration {start}", flush=True)
     tokens_per_iter = args.global_batch_size * args.seq_length
-    flops = flops_per_iteration(args.attention, args, tokens_per_iter)
-    history, it = [], start
+    log = RunLogger(args, enabled=rank == log_rank, world=world, tokens_per_iter=tokens_per_iter,
+                    flops_per_iter=flops_per_iteration(args.attention, args, tokens_per_iter))
+    log.header(f"{args.attention} {args.recipe} on DeepSpeed ZeRO-{args.zero_stage}, {n_params:,} params on "
+               f"this rank, world {world} = TP {args.tensor_model_parallel_size} x DP {dp}, start iteration {start}")
+    it = start
     try:
         while it < args.train_iters:
             t0 = time.perf_counter()
@@ -112,26 +102,13 @@ def train_deepspeed(args, model, make_data, *, num_micro: int, device, n_params:
             dt = time.perf_counter() - t0
             it += 1
             if rank == log_rank:
-                m = {"iteration": it, "lm loss": (total / (num_micro * dp)).item(),
-                     "lr": optimizer.param_groups[0]["lr"], "grad norm": float(engine.get_global_grad_norm() or 0.0),
-                     "step time s": dt, "tokens per s": tokens_per_iter / dt,
-                     "TFLOP/s per GPU": flops / dt / world / 1e12}
-                m["MFU"] = m["TFLOP/s per GPU"] / args.peak_tflops
-                history.append(m)
-                tracker.log(it, {k: v for k, v in m.items() if k != "iteration"})
-                if metrics_out:
-                    metrics_out.write(json.dumps(m) + "\n")
-                    metrics_out.flush()
-                if it % args.log_interval == 0 or it == args.train_iters:
-                    print(f"iter {it:6d}/{args.train_iters} | loss {m['lm loss']:.6f} | lr {m['lr']:.3e} | "
-                          f"{m['tokens per s']:,.0f} tok/s", flush=True)
+                log.iteration(it, loss=(total / (num_micro * dp)).item(), lr=optimizer.param_groups[0]["lr"],
+                              grad_norm=engine.get_global_grad_norm(), step_s=dt)
             if args.save and args.save_interval and (it % args.save_interval == 0 or it == args.train_iters):
                 engine.save_checkpoint(args.save, tag=f"iter_{it:07d}",
                                        client_state={"iteration": it, "opt_param_scheduler": scheduler.state_dict()})
             if args.exit_interval and it >= args.exit_interval:
                 break
     finally:
-        tracker.close()
-        if metrics_out:
-            metrics_out.close()
-    return history
+        log.close()
+    return log.history

@@ -3,7 +3,6 @@ gradient clipping, checkpoints with exact resume, W&B / TensorBoard / JSON-lines
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -60,6 +59,16 @@ def _shape(args) -> dict:
                 qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim)
 
 
+def build_scheduler(optimizer, args):
+    """Linear warmup over --lr-warmup-iters, cosine to --min-lr at --train-iters (Megatron's)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters, lr_decay_style="cosine", start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant")
+
+
 def pretrain(args) -> list:
     """Train; returns the logged metrics of this rank (non-empty on the logging rank)."""
     import gqla_megatron.megatron  # noqa: F401  (CPU patches)
@@ -68,7 +77,6 @@ def pretrain(args) -> list:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
@@ -77,7 +85,7 @@ def pretrain(args) -> list:
     from gqla_megatron.training import checkpoint as ckpt
     from gqla_megatron.training.data import TokenizerInfo, build_train_dataset, microbatches
     from gqla_megatron.training.models import build_model, flops_per_iteration, transformer_config
-    from gqla_megatron.training.tracking import Tracker
+    from gqla_megatron.training.tracking import RunLogger
 
     init_distributed()
     cuda = torch.cuda.is_available()
@@ -136,10 +144,7 @@ def pretrain(args) -> list:
                         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=1e-8,
                         clip_grad=args.clip_grad, bf16=bool(args.bf16), params_dtype=config.params_dtype,
                         use_distributed_optimizer=args.use_distributed_optimizer), [model])
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.train_iters, lr_decay_style="cosine", start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant")
+    scheduler = build_scheduler(optimizer, args)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
     config.grad_scale_func = optimizer.scale_loss
@@ -162,18 +167,13 @@ def pretrain(args) -> list:
 
         return out, loss_func
 
-    tracker = Tracker(enabled=rank == log_rank, config=vars(args), wandb_project=args.wandb_project,
-                      wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
-                      tensorboard_dir=args.tensorboard_dir)
-    metrics_out = open(args.metrics_file, "a") if (args.metrics_file and rank == log_rank) else None
-    if rank == log_rank:
-        print(f"gqla-pretrain: {args.attention} {args.recipe}, {n_params:,} params on this rank, "
-              f"world {world} = TP {args.tensor_model_parallel_size} x PP {args.pipeline_model_parallel_size}"
-              f" x DP {dp}, start iteration {start}", flush=True)
-    fb = get_forward_backward_func()
     tokens_per_iter = args.global_batch_size * args.seq_length
-    flops = flops_per_iteration(args.attention, args, tokens_per_iter)
-    history = []
+    log = RunLogger(args, enabled=rank == log_rank, world=world, tokens_per_iter=tokens_per_iter,
+                    flops_per_iter=flops_per_iteration(args.attention, args, tokens_per_iter))
+    log.header(f"{args.attention} {args.recipe}, {n_params:,} params on this rank, world {world} = "
+               f"TP {args.tensor_model_parallel_size} x PP {args.pipeline_model_parallel_size} x DP {dp}, "
+               f"start iteration {start}")
+    fb = get_forward_backward_func()
     it = start
     try:
         while it < args.train_iters:
@@ -194,32 +194,14 @@ def pretrain(args) -> list:
             dt = time.perf_counter() - t0
             it += 1
             if rank == log_rank:
-                loss = torch.stack([l["lm loss"] for l in losses]).mean().item()
-                tflops = flops / dt / world / 1e12
-                mem = (torch.cuda.max_memory_allocated() / 2**30 if cuda
-                       else __import__("psutil").Process().memory_info().rss / 2**30)
-                m = {"iteration": it, "lm loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                     "grad norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                     "step time s": dt, "tokens per s": tokens_per_iter / dt,
-                     "TFLOP/s per GPU": tflops, "MFU": tflops / args.peak_tflops, "memory GiB": mem,
-                     "update ok": bool(ok), **{k: float(v) for k, v in mtp_losses.items()}}
-                history.append(m)
-                tracker.log(it, {k: v for k, v in m.items() if k != "iteration"})
-                if metrics_out:
-                    metrics_out.write(json.dumps(m) + "\n")
-                    metrics_out.flush()
-                if it % args.log_interval == 0 or it == args.train_iters:
-                    print(f"iter {it:6d}/{args.train_iters} | loss {loss:.6f} | lr {m['lr']:.3e} | "
-                          f"grad norm {m['grad norm']:.3f} | {m['tokens per s']:,.0f} tok/s | "
-                          f"{tflops:.1f} TFLOP/s/GPU | MFU {100 * m['MFU']:.1f} % | {mem:.2f} GiB",
-                          flush=True)
+                log.iteration(it, loss=torch.stack([l["lm loss"] for l in losses]).mean().item(),
+                              lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, step_s=dt,
+                              **{"update ok": bool(ok)}, **{k: float(v) for k, v in mtp_losses.items()})
             if args.save and args.save_interval and (it % args.save_interval == 0 or it == args.train_iters):
                 ckpt.save_checkpoint(args.save, it, model, optimizer, scheduler,
                                      extra={"args": {k: v for k, v in vars(args).items()}})
             if args.exit_interval and it >= args.exit_interval:
                 break
     finally:
-        tracker.close()
-        if metrics_out:
-            metrics_out.close()
-    return history
+        log.close()
+    return log.history
