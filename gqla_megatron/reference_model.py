@@ -45,7 +45,8 @@ class ModelWeights:
                        output=self.output.to(*args, **kwargs))
 
 
-def _mlp(h: Tensor, lw: LayerWeights, eps: float) -> Tensor:
+def mlp(h: Tensor, lw: LayerWeights, eps: float) -> Tensor:
+    """SwiGLU MLP of one layer (pre-norm inside), Megatron's fc1 layout [gate ; up]."""
     gate, up = (ref.rms_norm(h, lw.mlp_norm, eps) @ lw.W_fc1.T).chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up) @ lw.W_fc2.T
 
@@ -55,7 +56,7 @@ def forward(tokens_BS: Tensor, mw: ModelWeights, cfg: GQLAConfig) -> Tensor:
     h = mw.embedding[tokens_BS]
     for lw in mw.layers:
         h = h + ref.attention_expanded(ref.rms_norm(h, lw.input_norm, mw.eps), lw.attn, cfg)
-        h = h + _mlp(h, lw, mw.eps)
+        h = h + mlp(h, lw, mw.eps)
     return ref.rms_norm(h, mw.final_norm, mw.eps) @ mw.output.T
 
 
@@ -77,7 +78,7 @@ def decode(tokens_BS: Tensor, mw: ModelWeights, cfg: GQLAConfig, caches: list,
         y, c = step(ref.rms_norm(h, lw.input_norm, mw.eps), cache, lw.attn, cfg)
         new.append(c)
         h = h + y
-        h = h + _mlp(h, lw, mw.eps)
+        h = h + mlp(h, lw, mw.eps)
     return ref.rms_norm(h, mw.final_norm, mw.eps) @ mw.output.T, new
 
 

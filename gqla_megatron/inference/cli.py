@@ -1,0 +1,88 @@
+"""gqla-serve: generate with a GQLA checkpoint on the decode path chosen for this hardware.
+
+    gqla-serve generate --load runs/tiny --prompt-ids "1 2 3" --prompt-ids "7 8" --decode-path auto
+    gqla-serve generate --load runs/tiny --tokenizer tokenizer.json --prompt "def main():" --max-new-tokens 64
+
+Prints the chosen path with the predicted step time of both paths, the KV-cache bytes per token
+of each path, and one line per request. Single process for now (TP inference: issue #5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="gqla-serve", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate for a batch of prompts")
+    g.add_argument("--load", required=True, help="gqla-pretrain checkpoint directory")
+    g.add_argument("--prompt-ids", action="append", default=[], help="a prompt as space-separated token ids")
+    g.add_argument("--prompt", action="append", default=[], help="a text prompt (needs --tokenizer)")
+    g.add_argument("--prompt-file", help="one text prompt per line (needs --tokenizer)")
+    g.add_argument("--tokenizer", help="HF tokenizers tokenizer.json")
+    g.add_argument("--decode-path", choices=("auto", "absorb", "gqa"), default="auto", help="decode path")
+    g.add_argument("--decode-backend", default="auto", help="decode backend name (registry)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--stop-token", type=int, action="append", default=[], help="stop token id")
+    g.add_argument("--max-seq-len", type=int, default=None, help="cache capacity (default: the model's)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _generate(args)
+    except ValueError as e:
+        print(f"gqla-serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
+    from gqla_megatron.inference.engine import GQLAEngine, SamplingParams
+    from gqla_megatron.inference.loader import load_megatron_checkpoint
+
+    texts = list(args.prompt)
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            texts += [line.rstrip("\n") for line in f if line.strip()]
+    tok = None
+    if texts or args.tokenizer:
+        if not args.tokenizer:
+            raise ValueError("--prompt/--prompt-file need --tokenizer")
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(args.tokenizer)
+    prompts = [[int(t) for t in s.split()] for s in args.prompt_ids] + [tok.encode(t).ids for t in texts]
+    if not prompts:
+        raise ValueError("give at least one --prompt-ids, --prompt or --prompt-file")
+    mw, cfg, run = load_megatron_checkpoint(args.load)
+    if tok is not None and tok.get_vocab_size() > mw.embedding.shape[0]:
+        raise ValueError(f"--tokenizer has {tok.get_vocab_size()} tokens but the checkpoint's vocabulary "
+                         f"is {mw.embedding.shape[0]}: tokenizer and checkpoint do not match")
+    engine = GQLAEngine(mw, cfg, decode_path=args.decode_path, decode_backend=args.decode_backend,
+                        max_batch=len(prompts), max_seq_len=args.max_seq_len or run["seq_length"])
+    print(engine.decision.summary())
+    print(f"decode backend: {engine.backend.name}" +
+          "".join(f"; rejected {k}: {v}" for k, v in engine.rejected_backends.items()))
+    print(f"KV-cache bytes per token (all layers, {engine.dtype}): absorb {engine.cache_bytes_per_token('absorb'):,} "
+          f"| gqa {engine.cache_bytes_per_token('gqa'):,}")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, stop_tokens=tuple(args.stop_token), seed=args.seed)
+    for i, r in enumerate(engine.generate(prompts, params)):
+        if r.error:
+            print(f"[{i}] error: {r.error}")
+        elif tok is not None and i >= len(args.prompt_ids):
+            print(f"[{i}] {tok.decode(r.tokens)!r}")
+        else:
+            print(f"[{i}] {' '.join(map(str, r.tokens))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Load a GQLA checkpoint written by gqla-pretrain (Megatron torch_dist) into reference weights.
+
+Reads the tensors without building the Megatron model (``dist_checkpointing.load_plain_tensors``),
+un-stacks Megatron's stacked layer keys (``decoder.layers.<param>`` with a leading layer axis)
+and maps names through gqla_megatron.megatron.adapters. Model shapes come from the run's
+``gqla_train_state.json``. Supported now: checkpoints of GQLA models saved at TP=1 (any PP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from gqla_megatron.config import GQLAConfig
+
+
+def _ensure_process_group():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(prefix="gqla_pg_"), 1),
+                                rank=0, world_size=1)
+
+
+def load_megatron_checkpoint(root: str):
+    """(ModelWeights in float32, GQLAConfig, run args dict) of the latest checkpoint under root."""
+    import gqla_megatron.megatron  # noqa: F401  (CPU patches)
+    from megatron.core import dist_checkpointing
+
+    from gqla_megatron.megatron import adapters
+    from gqla_megatron.training.checkpoint import STATE, iter_dir, read_latest
+
+    if not os.path.isdir(root):
+        raise ValueError(f"--load {root}: no such directory")
+    it = read_latest(root)
+    if it is None:
+        raise ValueError(f"--load {root}: no latest_checkpointed_iteration.txt (not a gqla-pretrain checkpoint)")
+    path = iter_dir(root, it)
+    with open(os.path.join(path, STATE)) as f:
+        args = json.load(f)["args"]
+    if args.get("attention", "gqla") != "gqla":
+        raise ValueError(f"{path}: a {args['attention']!r} model, not GQLA")
+    if args.get("tensor_model_parallel_size", 1) != 1:
+        raise ValueError(f"{path}: saved at TP={args['tensor_model_parallel_size']}; this loader reads "
+                         f"TP=1 checkpoints only (reshard with Megatron first)")
+    cfg = GQLAConfig(hidden_size=args["hidden_size"], num_attention_heads=args["num_attention_heads"],
+                     num_query_groups=args["num_query_groups"], kv_lora_rank=args["kv_lora_rank"],
+                     qk_head_dim=args["qk_head_dim"], qk_pos_emb_head_dim=args["qk_pos_emb_head_dim"],
+                     v_head_dim=args["v_head_dim"], q_lora_rank=args["q_lora_rank"])
+    _ensure_process_group()
+    raw = dist_checkpointing.load_plain_tensors(path)
+    sd = {}
+    for k, v in raw.items():
+        if k.startswith("optimizer") or not isinstance(v, torch.Tensor):
+            continue
+        if k.startswith("decoder.layers.") and not k[len("decoder.layers."):].split(".")[0].isdigit():
+            for i in range(v.shape[0]):
+                sd[f"decoder.layers.{i}.{k[len('decoder.layers.'):]}"] = v[i].float()
+        else:
+            sd[k] = v.float()
+    backend = "te" if args.get("transformer_impl") == "transformer_engine" else "local"
+    mw = adapters.model_to_reference(sd, cfg, args["num_layers"], backend=backend)
+    return mw, cfg, args

@@ -1,0 +1,136 @@
+"""CPU tier: the decode engine on both paths against the reference full forward."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gqla_megatron import reference as ref
+from gqla_megatron import reference_model as refm
+from gqla_megatron.config import GQLAConfig
+from gqla_megatron.inference.backends import select_backend
+from gqla_megatron.inference.engine import GQLAEngine, SamplingParams
+from gqla_megatron.roofline import get_device
+
+CFG = GQLAConfig(hidden_size=64, num_attention_heads=8, num_query_groups=4, kv_lora_rank=32,
+                 qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16, q_lora_rank=24)
+H100 = get_device("H100")  # a fixed device spec: no probe, deterministic choice
+
+
+def model(cfg=CFG, vocab=100, layers=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = cfg.hidden_size
+
+    def layer():
+        return refm.LayerWeights(1 + 0.1 * torch.randn(D, generator=g),
+                                 ref.GQLAWeights.random(cfg, generator=g, dtype=torch.float32),
+                                 1 + 0.1 * torch.randn(D, generator=g), 0.05 * torch.randn(4 * D, D, generator=g),
+                                 0.05 * torch.randn(D, 2 * D, generator=g))
+    return refm.ModelWeights(torch.randn(vocab, D, generator=g), [layer() for _ in range(layers)],
+                             torch.ones(D), 0.1 * torch.randn(vocab, D, generator=g))
+
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [7, 8], [9, 10, 11, 12]]
+
+
+@pytest.mark.parametrize("path", ["absorb", "gqa"])
+def test_ragged_batch_matches_full_forward_over_40_steps(path):
+    mw = model()
+    eng = GQLAEngine(mw, CFG, decode_path=path, max_batch=3, max_seq_len=64, device_spec=H100)
+    assert eng.path == path and eng.backend.path == path
+    res = eng.generate(PROMPTS, SamplingParams(max_new_tokens=40))
+    for p, r in zip(PROMPTS, res):
+        assert r.error is None and len(r.tokens) == 40
+        seq = torch.tensor(p + r.tokens)
+        full = refm.forward(seq[None], mw, CFG)[0, len(p) - 1:-1]
+        assert (full - r.logits).abs().max() <= 1e-5
+        assert torch.equal(full.argmax(-1), torch.tensor(r.tokens))
+
+
+def test_both_paths_same_tokens_and_switch_mid_generation():
+    mw = model(seed=1)
+    outs = {}
+    for path in ("absorb", "gqa"):
+        eng = GQLAEngine(mw, CFG, decode_path=path, max_batch=3, max_seq_len=64, device_spec=H100)
+        outs[path] = eng.generate(PROMPTS, SamplingParams(max_new_tokens=32))
+        other = "gqa" if path == "absorb" else "absorb"
+        switched = eng.generate(PROMPTS, SamplingParams(max_new_tokens=32), switch_at=10, switch_to=other)
+        assert eng.path == other
+        for a, b in zip(outs[path], switched):
+            assert a.tokens == b.tokens and (a.logits - b.logits).abs().max() <= 1e-4
+    for a, b in zip(outs["absorb"], outs["gqa"]):
+        assert a.tokens == b.tokens and (a.logits - b.logits).abs().max() <= 1e-5
+
+
+def test_switch_to_absorb_refused_when_rank_deficient():
+    cfg = GQLAConfig(hidden_size=32, num_attention_heads=2, num_query_groups=1, kv_lora_rank=24,
+                     qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8)
+    eng = GQLAEngine(model(cfg), cfg, decode_path="gqa", max_batch=1, max_seq_len=16, device_spec=H100)
+    with pytest.raises(ValueError, match="rank-deficient"):
+        eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4), switch_at=1, switch_to="absorb")
+
+
+def test_auto_uses_the_cost_model_and_reports_both_paths():
+    eng = GQLAEngine(model(), CFG, decode_path="auto", max_batch=2, max_seq_len=64, device_spec=H100)
+    assert eng.decision.requested == "auto" and eng.decision.path in ("absorb", "gqa")
+    assert eng.decision.absorb is not None and eng.decision.gqa is not None
+    assert "absorb" in eng.decision.summary() and "gqa" in eng.decision.summary()
+
+
+def test_bad_requests_do_not_kill_the_batch_and_bad_options_raise():
+    eng = GQLAEngine(model(), CFG, decode_path="absorb", max_batch=4, max_seq_len=16, device_spec=H100)
+    res = eng.generate([[1, 2], [], list(range(1, 16)), [500]], SamplingParams(max_new_tokens=4))
+    assert res[0].error is None and len(res[0].tokens) == 4
+    assert res[1].error == "empty prompt"
+    assert "exceeds the maximum context 16" in res[2].error
+    assert "outside the vocabulary" in res[3].error
+    with pytest.raises(ValueError, match="decode_path must be"):
+        GQLAEngine(model(), CFG, decode_path="mla", device_spec=H100)
+    with pytest.raises(ValueError, match="serves the gqa path"):
+        select_backend("absorb", CFG, torch.device("cpu"), torch.float32, requested="torch_gqa")
+    with pytest.raises(ValueError, match="unknown decode backend"):
+        select_backend("absorb", CFG, torch.device("cpu"), torch.float32, requested="flashmla")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_sampling_seeded_and_stop_tokens():
+    eng = GQLAEngine(model(), CFG, decode_path="gqa", max_batch=3, max_seq_len=64, device_spec=H100)
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)
+    a, b = eng.generate(PROMPTS, p), eng.generate(PROMPTS, p)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    greedy = eng.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    tiny_p = eng.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=1e-6))
+    assert [r.tokens for r in tiny_p] == [r.tokens for r in greedy]
+    stop = greedy[0].tokens[3]
+    stopped = eng.generate(PROMPTS, SamplingParams(max_new_tokens=12, stop_tokens=(stop,)))
+    first = greedy[0].tokens.index(stop)
+    assert stopped[0].tokens == greedy[0].tokens[:first + 1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_serve_cli_on_a_pretrained_checkpoint(tmp_path):
+    pytest.importorskip("megatron.core")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "ckpt"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain", "pretrain_gqla.py"), "--recipe", "tiny_cpu",
+                        "--mock-data", "--train-iters", "30", "--save", str(ckpt), "--save-interval", "30"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = {}
+    for path in ("absorb", "gqa"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "serve", "generate.py"), "generate", "--load", str(ckpt),
+                            "--prompt-ids", "10 11 12 13", "--prompt-ids", "40 41", "--prompt-ids", "",
+                            "--decode-path", path, "--max-new-tokens", "6"],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"chosen: {path}" in r.stdout and "KV-cache bytes per token" in r.stdout
+        outs[path] = [l for l in r.stdout.splitlines() if l.startswith("[")]
+    assert outs["absorb"] == outs["gqa"]
+    assert outs["absorb"][2] == "[2] error: empty prompt"
+    # the tiny model learned Megatron's mock data (each token = previous + 1)
+    assert outs["absorb"][0] == "[0] 14 15 16 17 18 19"
