@@ -12,6 +12,12 @@
   request (empty, too long) gets an error in its result and does not stop the others.
 * ``switch_path`` converts the live cache: absorb -> gqa by expansion (exact); gqa -> absorb
   by the left pseudo-inverse of W_UKV (exact when g(d_n+d_v) >= r, refused otherwise).
+* tensor parallelism over a process group (``tp_group``): each rank holds h_q/TP contiguous
+  query heads, the up-projections of the groups those heads use and its W_O columns; the
+  attention output is summed over the group. gqa path: g/TP groups per rank, so each rank
+  caches only its groups' K/V (zero redundancy; needs g % TP == 0) plus the shared RoPE key
+  (d_r values per token, replicated on every rank). absorb path: any TP dividing h_q; every
+  rank caches the full latent (replicated). Embeddings, norms and the MLP are replicated.
 """
 
 from __future__ import annotations
@@ -20,12 +26,34 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from gqla_megatron import reference as ref
 from gqla_megatron import reference_model as refm
 from gqla_megatron.config import GQLAConfig
 from gqla_megatron.inference.backends import select_backend
+
+
+def local_attention(w: ref.GQLAWeights, cfg: GQLAConfig, rank: int, tp: int):
+    """(local GQLAConfig, local GQLAWeights) of TP rank ``rank``: its h_q/tp contiguous heads,
+    the up-projection blocks of the groups those heads use, its W_O columns; the latent and
+    RoPE-key projections are replicated."""
+    H, M = cfg.num_attention_heads, cfg.heads_per_group
+    if H % tp:
+        raise ValueError(f"TP={tp} must divide num_attention_heads ({H})")
+    Hl = H // tp
+    heads = range(rank * Hl, (rank + 1) * Hl)
+    groups = sorted({h // M for h in heads})
+    lcfg = GQLAConfig(**{**cfg.to_dict(), "num_attention_heads": Hl, "num_query_groups": len(groups)})
+    N, R, V = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
+    W_UQ = w.W_UQ.view(H, N + R, -1)[heads.start:heads.stop].reshape(Hl * (N + R), -1)
+    W_UKV = w.W_UKV.view(cfg.num_query_groups, N + V, -1)[groups[0]:groups[-1] + 1].reshape(len(groups) * (N + V), -1)
+    W_O = w.W_O.view(w.W_O.shape[0], H, V)[:, heads.start:heads.stop].reshape(w.W_O.shape[0], Hl * V)
+    lw = ref.GQLAWeights(W_UQ=W_UQ.contiguous(), W_DKV=w.W_DKV, W_KR=w.W_KR, W_UKV=W_UKV.contiguous(),
+                         W_O=W_O.contiguous(), W_DQ=w.W_DQ, q_norm=w.q_norm, kv_norm=w.kv_norm)
+    lw.check(lcfg)
+    return lcfg, lw
 
 PATHS = ("absorb", "gqa")
 
@@ -78,19 +106,29 @@ def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator) -> Tensor:
 class GQLAEngine:
     def __init__(self, mw: refm.ModelWeights, cfg: GQLAConfig, *, decode_path: str = "auto",
                  max_batch: int = 8, max_seq_len: int = 2048, device="cpu", dtype=torch.float32,
-                 decode_backend: str = "auto", device_spec=None, verbose: bool = False):
+                 decode_backend: str = "auto", device_spec=None, verbose: bool = False,
+                 tp_group=None):
         from gqla_megatron import roofline
 
         if decode_path not in ("auto",) + PATHS:
             raise ValueError(f"decode_path must be 'auto', 'absorb' or 'gqa', got {decode_path!r}")
-        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.device, self.dtype = torch.device(device), dtype
+        self.full_cfg = cfg
+        self.tp_group = tp_group
+        self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
         self.mw = mw.to(device=self.device, dtype=dtype)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.vocab_size = self.mw.embedding.shape[0]
         spec = device_spec or roofline.device_spec_for(self.device, matmul_n=256, copy_mib=8)
         self.decision = roofline.choose_decode_path(
             cfg, spec, s_q=1, batch=max_batch, context=max_seq_len, requested=decode_path,
-            dtype_bytes=torch.finfo(dtype).bits // 8)
+            dtype_bytes=torch.finfo(dtype).bits // 8, tp=self.tp)
+        self.cfg = cfg
+        self.local = [(cfg, l.attn) for l in self.mw.layers]
+        if self.tp > 1:
+            self.local = [local_attention(l.attn, cfg, self.tp_rank, self.tp) for l in self.mw.layers]
+            self.cfg = self.local[0][0]
         self._backend_request = decode_backend
         self._set_path(self.decision.path)
         if verbose:
@@ -98,14 +136,25 @@ class GQLAEngine:
 
     # ---- path and cache ---------------------------------------------------------------
     def _set_path(self, path: str) -> None:
+        from gqla_megatron.roofline import path_problems
+
+        problems = path_problems(self.full_cfg, path, self.tp)
+        if problems:
+            raise ValueError(f"the {path} path cannot run at TP={self.tp}: " + "; ".join(problems))
         choice = select_backend(path, self.cfg, self.device, self.dtype,
                                 self._backend_request if self._backend_request != "auto" else "auto")
         self.path, self.backend, self.rejected_backends = path, choice.backend, choice.rejected
-        self.prepared = [self.backend.prepare(l.attn, self.cfg) for l in self.mw.layers]
+        self.prepared = [self.backend.prepare(w, c) for c, w in self.local]
 
     def cache_bytes_per_token(self, path: Optional[str] = None) -> int:
+        """KV bytes per token on THIS rank (all layers)."""
         return refm.cache_bytes_per_token(path or self.path, self.cfg, len(self.mw.layers),
                                           torch.finfo(self.dtype).bits // 8)
+
+    def _reduce(self, y: Tensor) -> Tensor:
+        if self.tp > 1:
+            dist.all_reduce(y, group=self.tp_group)
+        return y
 
     def _alloc(self, B: int) -> list:
         c, T, kw = self.cfg, self.max_seq_len, dict(device=self.device, dtype=self.dtype)
@@ -123,22 +172,34 @@ class GQLAEngine:
         if path not in PATHS:
             raise ValueError(f"decode path must be 'absorb' or 'gqa', got {path!r}")
         new = []
-        for cache, lw in zip(self.caches, self.mw.layers):
+        for cache, (lcfg, lw) in zip(self.caches, self.local):
             if path == "gqa":
-                g = ref.expand_cache(ref.LatentCache(cache["c"], cache["k_rope"]), lw.attn, self.cfg)
+                g = ref.expand_cache(ref.LatentCache(cache["c"], cache["k_rope"]), lw, lcfg)
                 new.append({"k_nope": g.k_nope_BTGN, "v": g.v_BTGV, "k_rope": g.k_rope_BTR})
             else:
+                # with TP each rank recovers the latent from ITS groups' K/V (same rank condition)
                 lat = ref.compress_cache(ref.GroupCache(cache["k_nope"], cache["v"], cache["k_rope"]),
-                                         lw.attn, self.cfg)
+                                         lw, lcfg)
                 new.append({"c": lat.c_BTC, "k_rope": lat.k_rope_BTR})
         self._set_path(path)
         self.caches = new
 
     # ---- model steps ------------------------------------------------------------------
     def _prefill_one(self, b: int, prompt: Tensor) -> Tensor:
-        """Expanded-form prefill of one request into cache row b; returns last-position logits."""
-        empty = refm.empty_caches(self.path, self.cfg, self.mw, 1)
-        logits, caches = refm.decode(prompt[None], self.mw, self.cfg, empty)
+        """Prefill of one request into cache row b (the whole prompt at once, causal, through the
+        reference decode functions on this rank's heads); returns the last position's logits."""
+        mw = self.mw
+        step = ref.decode_absorb if self.path == "absorb" else ref.decode_gqa
+        h = mw.embedding[prompt][None]
+        caches = []
+        for lw, (lcfg, w) in zip(mw.layers, self.local):
+            empty = (ref.empty_latent_cache if self.path == "absorb" else ref.empty_group_cache)(
+                lcfg, 1, dtype=self.dtype, device=self.device)
+            y, c = step(ref.rms_norm(h, lw.input_norm, mw.eps), empty, w, lcfg)
+            caches.append(c)
+            h = h + self._reduce(y)
+            h = h + refm.mlp(h, lw, mw.eps)
+        logits = ref.rms_norm(h, mw.final_norm, mw.eps) @ mw.output.T
         L = prompt.shape[0]
         for row, c in zip(self.caches, caches):
             if self.path == "absorb":
@@ -149,23 +210,23 @@ class GQLAEngine:
 
     def _decode_step(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """One token per sequence at position ``lengths``; returns logits (B, vocab)."""
-        cfg, mw = self.cfg, self.mw
+        mw = self.mw
         B = tokens.shape[0]
         rows = torch.arange(B, device=self.device)
         pos = lengths[:, None]
         h = mw.embedding[tokens][:, None]                                  # (B, 1, D)
-        for lw, prep, cache in zip(mw.layers, self.prepared, self.caches):
+        for lw, (cfg, w), prep, cache in zip(mw.layers, self.local, self.prepared, self.caches):
             x = ref.rms_norm(h, lw.input_norm, mw.eps)
-            q_nope, q_rope = ref.project_queries(x, lw.attn, cfg, pos)
-            c_new, kr_new = ref.project_latent(x, lw.attn, cfg, pos)
+            q_nope, q_rope = ref.project_queries(x, w, cfg, pos)
+            c_new, kr_new = ref.project_latent(x, w, cfg, pos)
             cache["k_rope"][rows, lengths] = kr_new[:, 0]
             if self.path == "absorb":
                 cache["c"][rows, lengths] = c_new[:, 0]
             else:
-                kn, v = ref.expand_latent(c_new, lw.attn, cfg)
+                kn, v = ref.expand_latent(c_new, w, cfg)
                 cache["k_nope"][rows, lengths], cache["v"][rows, lengths] = kn[:, 0], v[:, 0]
             o = self.backend.attend(prep, q_nope, q_rope, cache, lengths, cfg)
-            h = h + o.reshape(B, 1, -1) @ lw.attn.W_O.T
+            h = h + self._reduce(o.reshape(B, 1, -1) @ w.W_O.T)
             h = h + refm.mlp(h, lw, mw.eps)
         return (ref.rms_norm(h, mw.final_norm, mw.eps) @ mw.output.T)[:, 0]
 
