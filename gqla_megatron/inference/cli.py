@@ -3,8 +3,11 @@
     gqla-serve generate --load runs/tiny --prompt-ids "1 2 3" --prompt-ids "7 8" --decode-path auto
     gqla-serve generate --load runs/tiny --tokenizer tokenizer.json --prompt "def main():" --max-new-tokens 64
 
+Tensor parallel (TP = number of processes; heads and whole KV groups per rank):
+    torchrun --standalone --nproc-per-node 4 serve/generate.py generate --load runs/tiny --prompt-ids "1 2 3"
+
 Prints the chosen path with the predicted step time of both paths, the KV-cache bytes per token
-of each path, and one line per request. Single process for now (TP inference: issue #5).
+of each path (per rank under TP), and one line per request.
 """
 
 from __future__ import annotations
@@ -61,20 +64,36 @@ def _generate(args) -> int:
     prompts = [[int(t) for t in s.split()] for s in args.prompt_ids] + [tok.encode(t).ids for t in texts]
     if not prompts:
         raise ValueError("give at least one --prompt-ids, --prompt or --prompt-file")
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    tp_group, rank = None, 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        tp_group, rank = dist.group.WORLD, dist.get_rank()
     mw, cfg, run = load_megatron_checkpoint(args.load)
     if tok is not None and tok.get_vocab_size() > mw.embedding.shape[0]:
         raise ValueError(f"--tokenizer has {tok.get_vocab_size()} tokens but the checkpoint's vocabulary "
                          f"is {mw.embedding.shape[0]}: tokenizer and checkpoint do not match")
     engine = GQLAEngine(mw, cfg, decode_path=args.decode_path, decode_backend=args.decode_backend,
-                        max_batch=len(prompts), max_seq_len=args.max_seq_len or run["seq_length"])
-    print(engine.decision.summary())
+                        max_batch=len(prompts), max_seq_len=args.max_seq_len or run["seq_length"],
+                        tp_group=tp_group, device="cuda" if torch.cuda.is_available() else "cpu")
+    results = engine.generate(prompts, SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        stop_tokens=tuple(args.stop_token), seed=args.seed))
+    if rank != 0:
+        return 0
+    print(f"TP {engine.tp}: " + engine.decision.summary())
     print(f"decode backend: {engine.backend.name}" +
           "".join(f"; rejected {k}: {v}" for k, v in engine.rejected_backends.items()))
-    print(f"KV-cache bytes per token (all layers, {engine.dtype}): absorb {engine.cache_bytes_per_token('absorb'):,} "
+    print(f"KV-cache bytes per token per rank (all layers, {engine.dtype}): absorb {engine.cache_bytes_per_token('absorb'):,} "
           f"| gqa {engine.cache_bytes_per_token('gqa'):,}")
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, stop_tokens=tuple(args.stop_token), seed=args.seed)
-    for i, r in enumerate(engine.generate(prompts, params)):
+    for i, r in enumerate(results):
         if r.error:
             print(f"[{i}] error: {r.error}")
         elif tok is not None and i >= len(args.prompt_ids):

@@ -120,7 +120,13 @@ class GQLAEngine:
         self.mw = mw.to(device=self.device, dtype=dtype)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.vocab_size = self.mw.embedding.shape[0]
-        spec = device_spec or roofline.device_spec_for(self.device, matmul_n=256, copy_mib=8)
+        spec = device_spec
+        if spec is None:
+            # a measured probe differs between ranks; every rank must choose the same path
+            spec = [roofline.device_spec_for(self.device, matmul_n=256, copy_mib=8) if self.tp_rank == 0 else None]
+            if self.tp > 1:
+                dist.broadcast_object_list(spec, src=dist.get_global_rank(tp_group, 0), group=tp_group)
+            spec = spec[0]
         self.decision = roofline.choose_decode_path(
             cfg, spec, s_q=1, batch=max_batch, context=max_seq_len, requested=decode_path,
             dtype_bytes=torch.finfo(dtype).bits // 8, tp=self.tp)

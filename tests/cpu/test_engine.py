@@ -134,3 +134,22 @@ def test_serve_cli_on_a_pretrained_checkpoint(tmp_path):
     assert outs["absorb"][2] == "[2] error: empty prompt"
     # the tiny model learned Megatron's mock data (each token = previous + 1)
     assert outs["absorb"][0] == "[0] 14 15 16 17 18 19"
+
+
+def test_serve_cli_under_torchrun_tp2(tmp_path):
+    pytest.importorskip("megatron.core")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    ckpt = tmp_path / "ckpt"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain", "pretrain_gqla.py"), "--recipe", "tiny_cpu",
+                        "--mock-data", "--train-iters", "30", "--save", str(ckpt), "--save-interval", "30"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", os.path.join(ROOT, "serve", "generate.py"),
+                        "generate", "--load", str(ckpt), "--prompt-ids", "10 11 12 13", "--decode-path", "auto",
+                        "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("TP 2:") == 1  # rank 0 prints
+    assert "[0] 14 15 16 17 18 19" in r.stdout
