@@ -167,3 +167,21 @@ def assert_all_ranks(ok: bool, detail) -> None:
     dist.all_reduce(flag)
     assert ok, detail
     assert flag.item() == 0, "another rank failed this check (see its log)"
+
+
+def random_model_weights(cfg, *, vocab: int = 100, layers: int = 2, seed: int = 0):
+    """Reference-model weights (float32) for tests: random GQLA attention per layer, norms near 1,
+    a SwiGLU MLP of width 2D, an untied LM head."""
+    from gqla_megatron import reference as ref
+    from gqla_megatron import reference_model as refm
+
+    g = torch.Generator().manual_seed(seed)
+    D = cfg.hidden_size
+
+    def layer():
+        return refm.LayerWeights(1 + 0.1 * torch.randn(D, generator=g),
+                                 ref.GQLAWeights.random(cfg, generator=g, dtype=torch.float32),
+                                 1 + 0.1 * torch.randn(D, generator=g), 0.05 * torch.randn(4 * D, D, generator=g),
+                                 0.05 * torch.randn(D, 2 * D, generator=g))
+    return refm.ModelWeights(torch.randn(vocab, D, generator=g), [layer() for _ in range(layers)],
+                             torch.ones(D), 0.1 * torch.randn(vocab, D, generator=g))

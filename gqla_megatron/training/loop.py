@@ -27,7 +27,6 @@ def init_distributed() -> None:
 
 
 def _common_config(args, cuda: bool) -> dict:
-    te = args.transformer_impl == "transformer_engine"
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     cfg = dict(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,

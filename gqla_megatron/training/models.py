@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (

@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from gqla_megatron import reference as ref
 from gqla_megatron import reference_model as refm
 from gqla_megatron.config import GQLAConfig
 from gqla_megatron.inference.backends import select_backend
 from gqla_megatron.inference.engine import GQLAEngine, SamplingParams
 from gqla_megatron.roofline import get_device
+from gqla_megatron.testing import random_model_weights
 
 CFG = GQLAConfig(hidden_size=64, num_attention_heads=8, num_query_groups=4, kv_lora_rank=32,
                  qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16, q_lora_rank=24)
@@ -20,16 +20,7 @@ H100 = get_device("H100")  # a fixed device spec: no probe, deterministic choice
 
 
 def model(cfg=CFG, vocab=100, layers=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    D = cfg.hidden_size
-
-    def layer():
-        return refm.LayerWeights(1 + 0.1 * torch.randn(D, generator=g),
-                                 ref.GQLAWeights.random(cfg, generator=g, dtype=torch.float32),
-                                 1 + 0.1 * torch.randn(D, generator=g), 0.05 * torch.randn(4 * D, D, generator=g),
-                                 0.05 * torch.randn(D, 2 * D, generator=g))
-    return refm.ModelWeights(torch.randn(vocab, D, generator=g), [layer() for _ in range(layers)],
-                             torch.ones(D), 0.1 * torch.randn(vocab, D, generator=g))
+    return random_model_weights(cfg, vocab=vocab, layers=layers, seed=seed)
 
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [7, 8], [9, 10, 11, 12]]

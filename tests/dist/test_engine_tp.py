@@ -9,14 +9,12 @@ ranks and each group decodes the same ragged batch on both paths.
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
 
-from gqla_megatron import reference as ref
-from gqla_megatron import reference_model as refm
 from gqla_megatron.config import GQLAConfig
 from gqla_megatron.inference.engine import GQLAEngine, SamplingParams
 from gqla_megatron.roofline import get_device
+from gqla_megatron.testing import random_model_weights
 
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 pytestmark = [pytest.mark.dist, pytest.mark.skipif(WORLD != 8, reason="run under torchrun --nproc_per_node 8")]
@@ -26,16 +24,7 @@ PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]
 
 
 def model(cfg, seed=0, vocab=64):
-    g = torch.Generator().manual_seed(seed)
-    D = cfg.hidden_size
-
-    def layer():
-        return refm.LayerWeights(1 + 0.1 * torch.randn(D, generator=g),
-                                 ref.GQLAWeights.random(cfg, generator=g, dtype=torch.float32),
-                                 1 + 0.1 * torch.randn(D, generator=g), 0.05 * torch.randn(4 * D, D, generator=g),
-                                 0.05 * torch.randn(D, 2 * D, generator=g))
-    return refm.ModelWeights(torch.randn(vocab, D, generator=g), [layer(), layer()], torch.ones(D),
-                             0.1 * torch.randn(vocab, D, generator=g))
+    return random_model_weights(cfg, vocab=vocab, seed=seed)
 
 
 @pytest.fixture(scope="module", autouse=True)
