@@ -157,6 +157,9 @@ def validate(args) -> None:
                          "nor --sequence-parallel")
     if args.train_iters <= 0:
         raise ValueError(f"--train-iters must be > 0, got {args.train_iters}")
+    if not 0 <= args.lr_warmup_iters < args.train_iters:
+        raise ValueError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be >= 0 and < --train-iters "
+                         f"({args.train_iters})")
 
 
 def main(argv=None) -> int:

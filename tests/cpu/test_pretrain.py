@@ -207,6 +207,7 @@ def read_wandb_history(path):
      "--global-batch-size (7) must be divisible by --micro-batch-size (2)"),
     (["--recipe", "tiny_cpu", "--mock-data", "--fp8-format", "hybrid"], "--fp8-format needs"),
     (["--recipe", "tiny_cpu"], "give exactly one of --data-path and --mock-data"),
+    (["--recipe", "tiny_cpu", "--mock-data", "--train-iters", "2"], "--lr-warmup-iters (2) must be"),
 ])
 def test_bad_input_fails_before_any_step_and_writes_nothing(tmp_path, args, message):
     save = tmp_path / "ckpt"
@@ -286,3 +287,14 @@ def test_mtp_loss_is_logged_with_pipeline_parallel(tmp_path):
     rows = [json.loads(l) for l in open(out)]
     assert len(rows) == 3 and all(row["mtp_1 loss"] > 0 for row in rows)
     assert rows[-1]["mtp_1 loss"] < rows[0]["mtp_1 loss"]
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_same_shape_baselines_train(attention, tmp_path):
+    out = tmp_path / "m.jsonl"
+    r = run(["--recipe", "tiny_cpu", "--mock-data", "--train-iters", "4", "--attention", attention,
+             "--metrics-file", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"gqla-pretrain: {attention} tiny_cpu" in r.stdout
+    rows = losses(out)
+    assert len(rows) == 4 and rows[-1][1] < rows[0][1]
