@@ -147,8 +147,7 @@ class GQLAEngine:
         problems = path_problems(self.full_cfg, path, self.tp)
         if problems:
             raise ValueError(f"the {path} path cannot run at TP={self.tp}: " + "; ".join(problems))
-        choice = select_backend(path, self.cfg, self.device, self.dtype,
-                                self._backend_request if self._backend_request != "auto" else "auto")
+        choice = select_backend(path, self.cfg, self.device, self.dtype, self._backend_request)
         self.path, self.backend, self.rejected_backends = path, choice.backend, choice.rejected
         self.prepared = [self.backend.prepare(w, c) for c, w in self.local]
 
@@ -286,11 +285,12 @@ class GQLAEngine:
             logits_all.append(lg)
             tokens_all.append(torch.where(done, tokens_all[-1], sample(lg, params, gen)))
         toks, lgs = torch.stack(tokens_all, 1), torch.stack(logits_all, 1)
+        stop_set = set(params.stop_tokens)
         for b, i in enumerate(valid):
             out = toks[b].tolist()
             n = len(out)
             for j, t in enumerate(out):
-                if t in set(params.stop_tokens):
+                if t in stop_set:
                     n = j + 1
                     break
             results[i].tokens, results[i].logits = out[:n], lgs[b, :n]

@@ -120,6 +120,7 @@ def pretrain(args) -> list:
     if rank != 0:
         dataset = build()
     device = torch.cuda.current_device() if cuda else "cpu"
+
     def make_data(start_iteration):
         return microbatches(dataset, start_iteration=start_iteration, global_batch_size=args.global_batch_size,
                             micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp)

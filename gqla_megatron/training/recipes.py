@@ -16,12 +16,11 @@ _TRAIN = dict(lr_warmup_iters=100, weight_decay=0.1, clip_grad=1.0, adam_beta1=0
 RECIPES = {
     # CPU, seconds: the embedded default used by the README and the tests.
     "tiny_cpu": dict(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
+        _TRAIN, num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
         num_query_groups=4, kv_lora_rank=32, q_lora_rank=None, qk_head_dim=16,
         qk_pos_emb_head_dim=8, v_head_dim=16, vocab_size=256, seq_length=64,
         micro_batch_size=2, global_batch_size=8, lr=3e-3, min_lr=3e-4, lr_warmup_iters=2,
-        train_iters=20, bf16=False, transformer_impl="local", log_interval=1, save_interval=10,
-        weight_decay=0.1, clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.95, seed=1234),
+        train_iters=20, bf16=False, transformer_impl="local", log_interval=1, save_interval=10),
     # ~125M (GPT-2 small body, SmolLM2 vocabulary), one H200.
     "gqla_125m": dict(
         _TRAIN, num_layers=12, hidden_size=768, ffn_hidden_size=2048, num_attention_heads=12,
