@@ -7,7 +7,8 @@ Stock PyTorch backends (any device):
   torch_gqa     GQA path: per-group K (d_n) / V (d_v) cache, the shared RoPE key stored once.
 The kernel issue adds faster backends to ``REGISTRY``.
 
-Shapes: B batch, T cache capacity, S = 1 new token per step, H heads, G groups, M = H/G.
+Shapes: B batch, T cache capacity, S new query tokens per step (1, or s_q >= 2 when verifying
+multi-token-prediction drafts), H heads, G groups, M = H/G.
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ class DecodeBackend:
 
     def attend(self, prep: dict, q_nope: Tensor, q_rope: Tensor, cache: dict, lengths: Tensor,
                cfg: GQLAConfig) -> Tensor:
-        """One new query token per sequence at position ``lengths`` (its K/V already in the
-        cache); keys 0..lengths[b] are visible. Returns o (B, 1, H, d_v)."""
+        """S new query tokens per sequence at positions lengths[b] + s (s = 0..S-1), their K/V
+        already in the cache; query s sees keys 0..lengths[b] + s (causal among the new tokens).
+        q_nope (B, S, H, d_n), q_rope (B, S, H, d_r). Returns o (B, S, H, d_v)."""
         raise NotImplementedError
 
 
-def _visible(lengths: Tensor, T: int) -> Tensor:
-    return torch.arange(T, device=lengths.device)[None, :] <= lengths[:, None]  # (B, T)
+def visible(lengths: Tensor, S: int, T: int) -> Tensor:
+    """(B, S, T) mask: query s of sequence b sees cache slots t <= lengths[b] + s."""
+    last = lengths[:, None] + torch.arange(S, device=lengths.device)[None, :]
+    return torch.arange(T, device=lengths.device)[None, None, :] <= last[:, :, None]
 
 
 class TorchAbsorb(DecodeBackend):
@@ -57,7 +61,7 @@ class TorchAbsorb(DecodeBackend):
         scores = (torch.einsum("bsgmc,btc->bgmst", q_abs, cache["c"])
                   + torch.einsum("bsgmr,btr->bgmst", q_rope.view(B, S, G, M, -1), cache["k_rope"]))
         scores = scores * cfg.softmax_scale
-        scores = scores.masked_fill(~_visible(lengths, cache["c"].shape[1])[:, None, None, None], float("-inf"))
+        scores = scores.masked_fill(~visible(lengths, S, cache["c"].shape[1])[:, None, None], float("-inf"))
         p = torch.softmax(scores.float(), dim=-1).to(q_nope.dtype)
         o_lat = torch.einsum("bgmst,btc->bsgmc", p, cache["c"])
         return torch.einsum("bsgmc,gvc->bsgmv", o_lat, prep["W_UV"]).reshape(B, S, H, -1)
@@ -72,7 +76,7 @@ class TorchGQA(DecodeBackend):
         scores = (torch.einsum("bsgmn,btgn->bgmst", q_nope.view(B, S, G, M, -1), cache["k_nope"])
                   + torch.einsum("bsgmr,btr->bgmst", q_rope.view(B, S, G, M, -1), cache["k_rope"]))
         scores = scores * cfg.softmax_scale
-        scores = scores.masked_fill(~_visible(lengths, cache["v"].shape[1])[:, None, None, None], float("-inf"))
+        scores = scores.masked_fill(~visible(lengths, S, cache["v"].shape[1])[:, None, None], float("-inf"))
         p = torch.softmax(scores.float(), dim=-1).to(q_nope.dtype)
         return torch.einsum("bgmst,btgv->bsgmv", p, cache["v"]).reshape(B, S, H, -1)
 
