@@ -3,7 +3,16 @@
 Reads the tensors without building the Megatron model (``dist_checkpointing.load_plain_tensors``),
 un-stacks Megatron's stacked layer keys (``decoder.layers.<param>`` with a leading layer axis)
 and maps names through gqla_megatron.megatron.adapters. Model shapes come from the run's
-``gqla_train_state.json``. Supported now: checkpoints of GQLA models saved at TP=1 (any PP).
+``gqla_train_state.json``.
+
+Any TP / PP layout: torch_dist stores every parameter as ONE global tensor (each rank writes its
+slice at its global offset), so ``load_plain_tensors`` returns the TP=1 tensors whatever the
+saving layout. That includes the two cases that look layout-dependent: the SwiGLU ``linear_fc1``
+(Megatron's swiglu sharded factory stores the gate and up halves at their TP=1 offsets, not the
+per-rank [gate_shard ; up_shard] order) and the column-parallel ``linear_kv_down_proj`` (rows
+[W_DKV ; W_KR] split contiguously). tests/cpu/test_loader_tp.py checks TP=2 and PP=2 saves
+against a TP=1 save of the same layout-invariant initialisation, tensor for tensor.
+MTP depths (``mtp.layers.*``, from ``--mtp-num-layers``) are loaded into ``ModelWeights.mtp``.
 """
 
 from __future__ import annotations
@@ -43,9 +52,6 @@ def load_megatron_checkpoint(root: str):
         args = json.load(f)["args"]
     if args.get("attention", "gqla") != "gqla":
         raise ValueError(f"{path}: a {args['attention']!r} model, not GQLA")
-    if args.get("tensor_model_parallel_size", 1) != 1:
-        raise ValueError(f"{path}: saved at TP={args['tensor_model_parallel_size']}; this loader reads "
-                         f"TP=1 checkpoints only (reshard with Megatron first)")
     cfg = GQLAConfig(hidden_size=args["hidden_size"], num_attention_heads=args["num_attention_heads"],
                      num_query_groups=args["num_query_groups"], kv_lora_rank=args["kv_lora_rank"],
                      qk_head_dim=args["qk_head_dim"], qk_pos_emb_head_dim=args["qk_pos_emb_head_dim"],
@@ -62,5 +68,9 @@ def load_megatron_checkpoint(root: str):
         else:
             sd[k] = v.float()
     backend = "te" if args.get("transformer_impl") == "transformer_engine" else "local"
-    mw = adapters.model_to_reference(sd, cfg, args["num_layers"], backend=backend)
+    mtp = int(args.get("mtp_num_layers") or 0)
+    if adapters.num_mtp_layers(sd) != mtp:
+        raise ValueError(f"{path}: the run args say mtp_num_layers={mtp} but the checkpoint holds "
+                         f"{adapters.num_mtp_layers(sd)} MTP layers")
+    mw = adapters.model_to_reference(sd, cfg, args["num_layers"], backend=backend, mtp_num_layers=mtp)
     return mw, cfg, args

@@ -16,7 +16,7 @@ import torch
 
 from gqla_megatron.config import GQLAConfig
 from gqla_megatron.reference import GQLAWeights
-from gqla_megatron.reference_model import LayerWeights, ModelWeights
+from gqla_megatron.reference_model import LayerWeights, ModelWeights, MTPWeights
 
 # math name -> (local spec key, TE spec key), relative to the transformer layer.
 # W_DKV and W_KR are the two row blocks [:r] and [r:] of one Megatron weight.
@@ -39,6 +39,15 @@ MODEL_PARAM_NAMES = {
     "final_norm": "decoder.final_layernorm.weight",
     "output": "output_layer.weight",
 }
+# MTP depth k (Megatron ``mtp.layers.<k-1>.``): math name -> key relative to that prefix; the
+# transformer layer inside goes through LAYER_PARAM_NAMES under ``transformer_layer.``.
+MTP_PARAM_NAMES = {
+    "enorm": "enorm.weight",
+    "hnorm": "hnorm.weight",
+    "eh_proj": "eh_proj.weight",
+    "final_norm": "final_layernorm.weight",
+}
+MTP_LAYER_PREFIX = "transformer_layer."
 _BACKEND_COLUMN = {"local": 0, "te": 1}
 
 
@@ -87,9 +96,38 @@ def layer_from_reference(lw: LayerWeights, prefix: str, cfg: GQLAConfig,
     return {prefix + k: vals[n] for n, k in layer_keys(cfg, backend).items()}
 
 
+def mtp_to_reference(sd: Mapping[str, torch.Tensor], depth: int, cfg: GQLAConfig,
+                     backend: str = "local") -> MTPWeights:
+    """MTP depth ``depth`` (1-based; keys ``mtp.layers.<depth-1>.*``) -> reference weights."""
+    prefix = f"mtp.layers.{depth - 1}."
+    missing = [prefix + k for k in MTP_PARAM_NAMES.values() if prefix + k not in sd]
+    if missing:
+        raise KeyError(f"missing Megatron keys: {missing}")
+    t = {n: sd[prefix + k] for n, k in MTP_PARAM_NAMES.items()}
+    return MTPWeights(enorm=t["enorm"], hnorm=t["hnorm"], eh_proj=t["eh_proj"],
+                      layer=layer_to_reference(sd, prefix + MTP_LAYER_PREFIX, cfg, backend),
+                      final_norm=t["final_norm"])
+
+
+def mtp_from_reference(m: MTPWeights, depth: int, cfg: GQLAConfig, backend: str = "local") -> dict:
+    """Inverse of ``mtp_to_reference``."""
+    prefix = f"mtp.layers.{depth - 1}."
+    out = {prefix + k: getattr(m, n) for n, k in MTP_PARAM_NAMES.items()}
+    out.update(layer_from_reference(m.layer, prefix + MTP_LAYER_PREFIX, cfg, backend))
+    return out
+
+
+def num_mtp_layers(sd: Mapping[str, torch.Tensor]) -> int:
+    """How many MTP depths a Megatron state dict holds (0 if none)."""
+    depths = {int(k.split(".")[2]) for k in sd if k.startswith("mtp.layers.") and k.split(".")[2].isdigit()}
+    return max(depths) + 1 if depths else 0
+
+
 def model_to_reference(sd: Mapping[str, torch.Tensor], cfg: GQLAConfig, num_layers: int,
-                       *, backend: str = "local", eps: float = 1e-5) -> ModelWeights:
-    """A full GPTModel state dict (TP=1 or merged) -> reference model weights."""
+                       *, backend: str = "local", eps: float = 1e-5,
+                       mtp_num_layers: int = 0) -> ModelWeights:
+    """A full GPTModel state dict (TP=1 or merged) -> reference model weights, with the first
+    ``mtp_num_layers`` MTP depths (``mtp.layers.*``)."""
     emb = sd[MODEL_PARAM_NAMES["embedding"]]
     out = sd.get(MODEL_PARAM_NAMES["output"], emb)  # tied when there is no output_layer
     layers = [layer_to_reference(sd, f"decoder.layers.{i}.", cfg, backend) for i in range(num_layers)]
@@ -97,5 +135,6 @@ def model_to_reference(sd: Mapping[str, torch.Tensor], cfg: GQLAConfig, num_laye
     if biases:
         raise ValueError(f"the reference model has no linear biases; found {biases[:3]} "
                          f"(build with add_bias_linear=False)")
+    mtp = [mtp_to_reference(sd, k, cfg, backend) for k in range(1, mtp_num_layers + 1)]
     return ModelWeights(embedding=emb, layers=layers, final_norm=sd[MODEL_PARAM_NAMES["final_norm"]],
-                        output=out, eps=eps)
+                        output=out, eps=eps, mtp=mtp)
