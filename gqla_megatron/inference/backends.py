@@ -81,8 +81,13 @@ class TorchGQA(DecodeBackend):
         return torch.einsum("bgmst,btgv->bsgmv", p, cache["v"]).reshape(B, S, H, -1)
 
 
-REGISTRY: Dict[str, type] = {b.name: b for b in (TorchAbsorb, TorchGQA)}
-PRIORITY = {"absorb": ["torch_absorb"], "gqa": ["torch_gqa"]}
+# Triton backends first; they import triton lazily (a missing triton is a rejection reason)
+from gqla_megatron.inference.triton_backends import backend_classes  # noqa: E402
+
+TritonAbsorb, TritonGQA = backend_classes(DecodeBackend)
+
+REGISTRY: Dict[str, type] = {b.name: b for b in (TritonAbsorb, TritonGQA, TorchAbsorb, TorchGQA)}
+PRIORITY = {"absorb": ["triton_absorb", "torch_absorb"], "gqa": ["triton_gqa", "torch_gqa"]}
 
 
 @dataclass

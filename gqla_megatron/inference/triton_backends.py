@@ -1,0 +1,101 @@
+"""Triton decode backends (kernels in gqla_megatron.kernels.triton_decode).
+
+  triton_absorb  MQA-absorb path: W_UK folded into the query per group (a small torch GEMM),
+                 the split-KV latent kernel, W_UV applied to the latent output (torch GEMM).
+  triton_gqa     GQA path: the split-KV per-group kernel (shared RoPE key read by each group).
+
+This module imports triton only inside ``supported`` / ``attend``, so a machine without triton
+still imports the registry; the backends then report why they cannot run and ``select_backend``
+falls back to the stock torch backends. It does not import backends.py either: backends.py
+builds the two ``DecodeBackend`` subclasses with ``backend_classes(DecodeBackend)`` when it
+builds its registry (so either module may be imported first); ``TritonAbsorb`` / ``TritonGQA``
+here resolve to those registered classes.
+
+Cache dicts: the stock contiguous layouts (see backends.py), or paged -- the same keys holding
+page pools (num_blocks, block_size, ...) plus ``"block_table"`` (B, max_blocks) int32. An
+optional ``"max_len"`` (int) bounds lengths + S for the split heuristic (default: capacity).
+The engine guarantees lengths + S <= capacity, so ``attend`` does not re-check it on the host
+(that would cost a device sync per layer); the kernels never read past the capacity anyway.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from gqla_megatron.config import GQLAConfig
+
+
+def _kernels():
+    from gqla_megatron.kernels import triton_decode
+
+    return triton_decode
+
+
+class _TritonBackend:
+    """Capability checks shared by both Triton backends (mixed into DecodeBackend)."""
+
+    name: str = ""
+    path: str = ""
+
+    @classmethod
+    def supported(cls, cfg: GQLAConfig, device: torch.device, dtype: torch.dtype) -> List[str]:
+        try:
+            td = _kernels()
+        except Exception as e:  # ImportError, or a broken triton install
+            return [f"triton not importable ({type(e).__name__}: {e})"]
+        problems = td.device_problems(torch.device(device), dtype)
+        problems += td.shape_problems(
+            cls.path, heads=cfg.num_attention_heads, groups=cfg.num_query_groups,
+            kv_lora_rank=cfg.kv_lora_rank, qk_head_dim=cfg.qk_head_dim,
+            rope_dim=cfg.qk_pos_emb_head_dim, v_head_dim=cfg.v_head_dim)
+        return problems
+
+
+class _TritonAbsorb(_TritonBackend):
+    """MQA-absorb path on the Triton latent kernel (W_UK / W_UV GEMMs in torch)."""
+
+    name, path = "triton_absorb", "absorb"
+
+    def attend(self, prep, q_nope, q_rope, cache, lengths, cfg):
+        B, S, H, _ = q_nope.shape
+        G, M = cfg.num_query_groups, cfg.heads_per_group
+        q_abs = torch.einsum("bsgmn,gnc->bsgmc", q_nope.reshape(B, S, G, M, -1), prep["W_UK"])
+        o_lat = _kernels().absorb_decode(
+            q_abs.reshape(B, S, H, -1), q_rope, cache["c"], cache["k_rope"], lengths,
+            cfg.softmax_scale, block_table=cache.get("block_table"), max_len=cache.get("max_len"),
+            validate=False)
+        return torch.einsum("bsgmc,gvc->bsgmv", o_lat.view(B, S, G, M, -1), prep["W_UV"]).reshape(B, S, H, -1)
+
+
+class _TritonGQA(_TritonBackend):
+    """GQA path on the Triton per-group kernel."""
+
+    name, path = "triton_gqa", "gqa"
+
+    def prepare(self, w, cfg):
+        return {}
+
+    def attend(self, prep, q_nope, q_rope, cache, lengths, cfg):
+        return _kernels().gqa_decode(
+            q_nope, q_rope, cache["k_nope"], cache["v"], cache["k_rope"], lengths,
+            cfg.softmax_scale, block_table=cache.get("block_table"), max_len=cache.get("max_len"),
+            validate=False)
+
+
+def backend_classes(base: type) -> Tuple[type, type]:
+    """(TritonAbsorb, TritonGQA) as subclasses of ``base`` (backends.DecodeBackend)."""
+    made = []
+    for impl, cls_name in ((_TritonAbsorb, "TritonAbsorb"), (_TritonGQA, "TritonGQA")):
+        made.append(type(cls_name, (impl, base), {"__module__": __name__, "__qualname__": cls_name,
+                                                  "__doc__": impl.__doc__}))
+    return made[0], made[1]
+
+
+def __getattr__(name):
+    if name in ("TritonAbsorb", "TritonGQA"):
+        from gqla_megatron.inference import backends
+
+        return getattr(backends, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
