@@ -51,6 +51,21 @@ attention input x (after the input RMSNorm). Every K/V activation covariance the
 is W Sigma W^T for a row set W of the (rotated) key/value projections, which equals the
 covariance of the K/V activations themselves exactly, at a fraction of the memory.
 
+Hessian (NLL) weighting (``hessian_weighting=True``; paper section 3.2.1, here with gradient
+weights): Sigma = sum_t w_t x_t x_t^T / sum_t w_t with a per-token, per-layer weight from the
+empirical Fisher of the next-token NLL. The source model is run with autograd on CPU
+(``gqa_forward_tapped``: zero "taps" added to the pre-RoPE keys k_t = W_K x_t and values
+v_t = W_V x_t of every layer); one backward of the summed NLL gives g^K_t = dNLL/dk_t and
+g^V_t = dNLL/dv_t. With a^K_t = ||g^K_t||^2 and a^V_t = ||g^V_t||^2, each normalised to mean 1
+over the layer's calibration tokens, w_t = (a^K_t + a^V_t) / 2 (mean 1). This is the diagonal
+(per-token, isotropic) Fisher approximation of the Hessian of the NLL with respect to the
+token's K/V activations: the PCA then minimises sum_t w_t ||z_t - P z_t||^2, the second-order
+NLL increase under that approximation, instead of the plain reconstruction error. One weight
+per token serves RoRoPE, the BKV balance and the joint K/V PCA (which needs one consistent
+covariance of [K_n; V]). The last position of every sequence gets weight 0 (nothing in the
+loss reads its K/V). Costs one forward + backward of the source model over the calibration
+tokens (activation memory: use a small ``batch``).
+
 What is exact, what is not (tests/cpu/test_transgqla.py checks each stage):
 - merge, RoRoPE with f = 1 (before truncation), BKV scaling, PCA at full rank, query scaling,
   group packaging: exact (float64 round-off);
@@ -74,11 +89,11 @@ from gqla_megatron import reference as ref
 from gqla_megatron import reference_model as rm
 from gqla_megatron.config import GQLAConfig
 from gqla_megatron.conversion.gguf_import import (GQALayerWeights, GQAModelConfig,
-                                                  GQAModelWeights, gqa_forward)
+                                                  GQAModelWeights, gqa_forward, rope_half_split)
 
 __all__ = [
     "LayerStats", "MergedKV", "RoRoPEBasis", "LayerReport", "ConversionReport",
-    "collect_attention_stats", "merge_kv_heads", "rorope_basis", "split_rope",
+    "collect_attention_stats", "gqa_forward_tapped", "merge_kv_heads", "rorope_basis", "split_rope",
     "convert_layer", "gqla_config_for", "convert_model",
 ]
 
@@ -95,7 +110,10 @@ class LayerStats:
     xx: Tensor
     """(D, D) float64 uncentred second moment sum_t x_t x_t^T."""
     count: int
-    """Number of tokens summed into ``xx``."""
+    """Number of tokens summed into ``xx`` (with Hessian weighting the weights have mean 1, so
+    the weights also sum to ``count``)."""
+    hessian_weighted: bool = False
+    """True when ``xx`` is NLL-gradient (diagonal Fisher) weighted (module doc)."""
 
     @property
     def cov(self) -> Tensor:
@@ -105,13 +123,96 @@ class LayerStats:
         return self.xx / self.count
 
 
+def _gqa_attention_tapped(x_BSD: Tensor, lw: GQALayerWeights, cfg: GQAModelConfig,
+                          tap_k: Tensor, tap_v: Tensor) -> Tensor:
+    """gguf_import.gqa_attention with additive taps on the pre-RoPE keys and the values
+    (B, S, g*d each); same math, checked against it in the tests."""
+    B, S, _ = x_BSD.shape
+    H, g, d, m = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, cfg.heads_per_group
+    pos = torch.arange(S)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    q = rope_half_split((x_BSD @ lw.W_Q.T).view(B, S, H, d), pos, cfg.rope_base)
+    k = rope_half_split((x_BSD @ lw.W_K.T + tap_k).view(B, S, g, d), pos, cfg.rope_base)
+    v = (x_BSD @ lw.W_V.T + tap_v).view(B, S, g, d)
+    k = k.repeat_interleave(m, dim=2)
+    v = v.repeat_interleave(m, dim=2)
+    s = torch.einsum("bshd,bthd->bhst", q, k) * d ** -0.5
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+    return torch.einsum("bhst,bthd->bshd", p, v).reshape(B, S, H * d) @ lw.W_O.T
+
+
+def gqa_forward_tapped(tokens_BS: Tensor, w: GQAModelWeights, cfg: GQAModelConfig,
+                       taps: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, List[Tensor]]:
+    """gqa_forward with zero-valued taps (tap_k, tap_v) per layer added to the keys and values,
+    so that autograd gives dLoss/dk_t, dLoss/dv_t per token. Returns (logits, attention inputs
+    x per layer)."""
+    if len(taps) != len(w.layers):
+        raise ValueError(f"need one (tap_k, tap_v) pair per layer ({len(w.layers)}), got {len(taps)}")
+    h = w.embedding[tokens_BS]
+    xs = []
+    for lw, (tk, tv) in zip(w.layers, taps):
+        x = ref.rms_norm(h, lw.attn_norm, cfg.eps)
+        xs.append(x)
+        h = h + _gqa_attention_tapped(x, lw, cfg, tk, tv)
+        gate, up = (ref.rms_norm(h, lw.mlp_norm, cfg.eps) @ lw.W_fc1.T).chunk(2, -1)
+        h = h + (torch.nn.functional.silu(gate) * up) @ lw.W_fc2.T
+    return ref.rms_norm(h, w.final_norm, cfg.eps) @ w.output.T, xs
+
+
+def _hessian_stats(w: GQAModelWeights, cfg: GQAModelConfig, calib_tokens: Tensor,
+                   batch: int) -> List[LayerStats]:
+    D, L, gd = cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads * cfg.head_dim
+    xk = [torch.zeros(D, D, dtype=F64) for _ in range(L)]
+    xv = [torch.zeros(D, D, dtype=F64) for _ in range(L)]
+    sk, sv = [0.0] * L, [0.0] * L
+    count = 0
+    for i in range(0, calib_tokens.shape[0], batch):
+        tok = calib_tokens[i:i + batch]
+        B, S = tok.shape
+        count += B * S
+        dt = w.embedding.dtype
+        taps = [(torch.zeros(B, S, gd, dtype=dt, requires_grad=True),
+                 torch.zeros(B, S, gd, dtype=dt, requires_grad=True)) for _ in range(L)]
+        with torch.enable_grad():
+            logits, xs = gqa_forward_tapped(tok, w, cfg, taps)
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tok[:, 1:].reshape(-1),
+                reduction="sum")
+            grads = torch.autograd.grad(nll, [t for pair in taps for t in pair])
+        del logits, nll
+        for l in range(L):
+            x2 = xs[l].detach().reshape(-1, D).to(F64)
+            ak = grads[2 * l].to(F64).pow(2).sum(-1).reshape(-1)
+            av = grads[2 * l + 1].to(F64).pow(2).sum(-1).reshape(-1)
+            xk[l] += (x2 * ak[:, None]).T @ x2
+            xv[l] += (x2 * av[:, None]).T @ x2
+            sk[l] += float(ak.sum())
+            sv[l] += float(av.sum())
+    out = []
+    for l in range(L):
+        if not (sk[l] > 0 and sv[l] > 0):
+            raise ValueError(f"layer {l}: the NLL gradients w.r.t. its keys/values are all zero; "
+                             f"cannot Hessian-weight its statistics")
+        out.append(LayerStats(0.5 * count * (xk[l] / sk[l] + xv[l] / sv[l]), count,
+                              hessian_weighted=True))
+    return out
+
+
 @torch.no_grad()
 def collect_attention_stats(w: GQAModelWeights, cfg: GQAModelConfig, calib_tokens: Tensor,
-                            batch: int = 4) -> List[LayerStats]:
-    """Run the source model on ``calib_tokens`` (N, S) and return one LayerStats per layer."""
+                            batch: int = 4, hessian_weighting: bool = False) -> List[LayerStats]:
+    """Run the source model on ``calib_tokens`` (N, S) and return one LayerStats per layer;
+    ``hessian_weighting``: NLL-gradient token weights (module doc; runs autograd)."""
     if calib_tokens.ndim != 2 or calib_tokens.numel() == 0:
         raise ValueError(f"calib_tokens must be a non-empty (N, S) tensor, got shape "
                          f"{tuple(calib_tokens.shape)}")
+    if hessian_weighting:
+        if calib_tokens.shape[1] < 2:
+            raise ValueError("hessian_weighting needs calibration sequences of at least 2 tokens")
+        if w.rope_layout != "half_split":
+            raise ValueError(f"GQAModelWeights.rope_layout is {w.rope_layout!r}; hessian_weighting "
+                             f"runs the half-split forward")
+        return _hessian_stats(w, cfg, calib_tokens, batch)
     D = cfg.hidden_size
     stats = [LayerStats(torch.zeros(D, D, dtype=F64), 0) for _ in range(cfg.num_layers)]
 
@@ -352,14 +453,16 @@ class ConversionReport:
     """KV values cached per token per layer by the source GQA model: 2*g*d."""
     absorb_cache_per_token: int = 0
     """KV values cached per token per layer by the converted model's MQA-absorb path: r + d_r."""
+    hessian_weighting: bool = False
+    """True when the calibration statistics were NLL-gradient (diagonal Fisher) weighted."""
 
     def summary(self) -> str:
         """Multi-line ASCII summary."""
         re_ = [l.rope_energy for l in self.layers]
         ke = [l.kv_energy for l in self.layers]
         lines = [f"TransGQLA r={self.kv_lora_rank} d_r={self.rope_dim} freqfold={self.freqfold} "
-                 f"calib_tokens={self.calib_tokens} cache/token/layer {self.source_cache_per_token}"
-                 f" -> {self.absorb_cache_per_token}",
+                 f"calib_tokens={self.calib_tokens} hessian={self.hessian_weighting} "
+                 f"cache/token/layer {self.source_cache_per_token} -> {self.absorb_cache_per_token}",
                  f"  RoPE-key energy kept: min {min(re_):.4f} mean {sum(re_) / len(re_):.4f}",
                  f"  KV PCA energy kept:   min {min(ke):.4f} mean {sum(ke) / len(ke):.4f}"]
         lines += [f"  layer {l.layer:3d}: rope {l.rope_energy:.4f} kv {l.kv_energy:.4f} "
@@ -371,12 +474,15 @@ def convert_model(gqa_weights: GQAModelWeights, gqa_cfg: GQAModelConfig, *,
                   kv_lora_rank: Optional[int], rope_dim: int, freqfold: int,
                   calib_tokens: Optional[Tensor] = None,
                   stats: Optional[Sequence[LayerStats]] = None, balance_kv_ratio: float = 1.0,
-                  damping: float = 0.01, dtype: torch.dtype = torch.float32, batch: int = 4
+                  damping: float = 0.01, dtype: torch.dtype = torch.float32, batch: int = 4,
+                  hessian_weighting: bool = False
                   ) -> Tuple[rm.ModelWeights, GQLAConfig, ConversionReport]:
     """Convert every layer of a GQA model to GQLA; returns (ModelWeights, GQLAConfig, report).
 
     Calibration: pass ``calib_tokens`` (N, S) (the source model is run on them) or precomputed
     ``stats`` from collect_attention_stats (to reuse one calibration for several budgets).
+    ``hessian_weighting``: NLL-gradient weighted statistics (module doc); with ``stats`` it must
+    match how they were collected.
     Embedding, norms, MLPs, LM head (tie kept) and W_O are copied; weights are cast to ``dtype``."""
     if gqa_weights.rope_layout != "half_split":
         raise ValueError(f"gqa_weights.rope_layout is {gqa_weights.rope_layout!r}; the converter "
@@ -387,14 +493,19 @@ def convert_model(gqa_weights: GQAModelWeights, gqa_cfg: GQAModelConfig, *,
     if (stats is None) == (calib_tokens is None):
         raise ValueError("pass exactly one of calib_tokens and stats")
     if stats is None:
-        stats = collect_attention_stats(gqa_weights, gqa_cfg, calib_tokens, batch=batch)
+        stats = collect_attention_stats(gqa_weights, gqa_cfg, calib_tokens, batch=batch,
+                                        hessian_weighting=hessian_weighting)
     if len(stats) != gqa_cfg.num_layers:
         raise ValueError(f"stats has {len(stats)} entries, expected {gqa_cfg.num_layers}")
+    if any(st.hessian_weighted != hessian_weighting for st in stats):
+        raise ValueError(f"hessian_weighting={hessian_weighting} but the given stats were "
+                         f"collected with hessian_weighting={stats[0].hessian_weighted}")
     cfg = gqla_config_for(gqa_cfg, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
     report = ConversionReport(kv_lora_rank=cfg.kv_lora_rank, rope_dim=rope_dim, freqfold=freqfold,
                               calib_tokens=stats[0].count,
                               source_cache_per_token=2 * gqa_cfg.num_kv_heads * gqa_cfg.head_dim,
-                              absorb_cache_per_token=cfg.absorb_cache_elems_per_token)
+                              absorb_cache_per_token=cfg.absorb_cache_elems_per_token,
+                              hessian_weighting=hessian_weighting)
     layers = []
     for l, (lw, st) in enumerate(zip(gqa_weights.layers, stats)):
         aw, lr = convert_layer(lw, gqa_cfg, st.cov, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
