@@ -423,12 +423,52 @@ def _read_state_args(ckpt_dir: str) -> Optional[dict]:
     return state["args"]
 
 
+def _verify_dcp_files(ckpt_dir: str, meta) -> None:
+    """Every .distcp file must exist and hold the byte ranges its chunks claim."""
+    need: Dict[str, Tuple[int, str]] = {}
+    for idx, info in meta.storage_data.items():
+        end = info.offset + info.length
+        if end > need.get(info.relative_path, (0, ""))[0]:
+            need[info.relative_path] = (end, idx.fqn)
+    for rel, (end, fqn) in need.items():
+        p = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(p):
+            raise ValueError(f"{p}: missing (holds {fqn})")
+        size = os.path.getsize(p)
+        if size < end:
+            raise ValueError(f"{p}: truncated: {size} bytes, its chunks (e.g. {fqn}) need {end}")
+
+
+def _dcp_index(meta):
+    """(logical key -> (stored key, layer or None), logical key -> shape, dtypes, stacked
+    metadata) of the model tensors of a DCP checkpoint; stacked layer tensors are split into
+    ``decoder.layers.<i>.<param>`` logical keys."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    where: Dict[str, Tuple[str, Optional[int]]] = {}
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    stacked, dtypes = {}, set()
+    for key, md in meta.state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata) or not _is_model_key(key):
+            continue
+        dtypes.add(md.properties.dtype)
+        rest = key[len("decoder.layers."):] if key.startswith("decoder.layers.") else None
+        if rest is not None and not rest.split(".")[0].isdigit():
+            stacked[key] = md
+            for i in range(md.size[0]):
+                where[f"decoder.layers.{i}.{rest}"] = (key, i)
+                shapes[f"decoder.layers.{i}.{rest}"] = tuple(md.size[1:])
+        else:
+            where[key] = (key, None)
+            shapes[key] = tuple(md.size)
+    return where, shapes, dtypes, stacked
+
+
 class TorchDistSource(_KeyedSource):
     """A torch_dist (DCP) checkpoint directory, read slice by slice without Megatron."""
 
     def __init__(self, ckpt_dir: str):
         from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         where = ckpt_dir
         self.dir = ckpt_dir
@@ -439,26 +479,9 @@ class TorchDistSource(_KeyedSource):
         except Exception as e:  # noqa: BLE001  (pickle / IO errors of a corrupt .metadata)
             raise ValueError(f"{ckpt_dir}/.metadata: unreadable or truncated ({type(e).__name__}: "
                              f"{str(e)[:200]})") from e
-        self._verify_files(meta)
+        _verify_dcp_files(ckpt_dir, meta)
         self._meta = meta
-        # logical key -> (stored key, layer index in a stacked tensor or None)
-        self._where: Dict[str, Tuple[str, Optional[int]]] = {}
-        self._shapes: Dict[str, Tuple[int, ...]] = {}
-        stacked = {}
-        dtypes = set()
-        for key, md in meta.state_dict_metadata.items():
-            if not isinstance(md, TensorStorageMetadata) or not _is_model_key(key):
-                continue
-            dtypes.add(md.properties.dtype)
-            rest = key[len("decoder.layers."):] if key.startswith("decoder.layers.") else None
-            if rest is not None and not rest.split(".")[0].isdigit():
-                stacked[key] = md
-                for i in range(md.size[0]):
-                    self._where[f"decoder.layers.{i}.{rest}"] = (key, i)
-                    self._shapes[f"decoder.layers.{i}.{rest}"] = tuple(md.size[1:])
-            else:
-                self._where[key] = (key, None)
-                self._shapes[key] = tuple(md.size)
+        self._where, self._shapes, dtypes, stacked = _dcp_index(meta)
         self.storage_dtype = torch.bfloat16 if torch.bfloat16 in dtypes else (
             torch.float16 if torch.float16 in dtypes else torch.float32)
         args = _read_state_args(ckpt_dir)
@@ -476,21 +499,6 @@ class TorchDistSource(_KeyedSource):
                              f"is {self.cfg.num_layers}")
         self.description = f"Megatron torch_dist {ckpt_dir}"
 
-    def _verify_files(self, meta) -> None:
-        """Every .distcp file must exist and hold the byte ranges its chunks claim."""
-        need: Dict[str, Tuple[int, str]] = {}
-        for idx, info in meta.storage_data.items():
-            end = info.offset + info.length
-            if end > need.get(info.relative_path, (0, ""))[0]:
-                need[info.relative_path] = (end, idx.fqn)
-        for rel, (end, fqn) in need.items():
-            p = os.path.join(self.dir, rel)
-            if not os.path.isfile(p):
-                raise ValueError(f"{p}: missing (holds {fqn})")
-            size = os.path.getsize(p)
-            if size < end:
-                raise ValueError(f"{p}: truncated: {size} bytes, its chunks (e.g. {fqn}) need {end}")
-
     @staticmethod
     def _common_args(ckpt_dir: str) -> Optional[dict]:
         p = os.path.join(ckpt_dir, "common.pt")
@@ -502,27 +510,37 @@ class TorchDistSource(_KeyedSource):
         return None
 
     def _read(self, keys: Sequence[str]) -> Dict[str, Tensor]:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+        return _dcp_read(self._reader, self._meta, self._where, keys)
 
-        requests = {}
-        out = {}
-        for k in keys:
-            stored, layer = self._where[k]
-            md = self._meta.state_dict_metadata[stored]
-            if layer is None:
-                dest = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-                offsets = (0,) * len(md.size)
-                out[k] = dest
-            else:
-                dest = torch.empty((1, *md.size[1:]), dtype=md.properties.dtype)
-                offsets = (layer,) + (0,) * (len(md.size) - 1)
-                out[k] = dest[0]
-            requests[stored + f"#{layer}"] = (stored, dest, ChunkStorageMetadata(
-                offsets=torch.Size(offsets), sizes=dest.size()))
-        planner = _SlicePlanner(requests)
-        _load_state_dict({}, self._reader, planner=planner, no_dist=True)
-        return out
+
+def _dcp_read(reader, meta, where, keys: Sequence[str]) -> Dict[str, Tensor]:
+    """Read the logical ``keys`` (full tensors; one layer slice of a stacked tensor) from DCP."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    requests = {}
+    out = {}
+    for k in keys:
+        stored, layer = where[k]
+        md = meta.state_dict_metadata[stored]
+        if layer is None:
+            dest = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+            offsets = (0,) * len(md.size)
+            out[k] = dest
+        else:
+            dest = torch.empty((1, *md.size[1:]), dtype=md.properties.dtype)
+            offsets = (layer,) + (0,) * (len(md.size) - 1)
+            out[k] = dest[0]
+        requests[k] = (stored, dest, ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.size()))
+    # one slice per stored tensor per DCP load: group the requests
+    while requests:
+        batch, seen = {}, set()
+        for k, r in list(requests.items()):
+            if r[0] not in seen:
+                seen.add(r[0])
+                batch[k] = requests.pop(k)
+        _load_state_dict({}, reader, planner=_SlicePlanner(batch), no_dist=True)
+    return out
 
 
 def _slice_planner_class():
@@ -679,6 +697,47 @@ class LegacySource(_KeyedSource):
             else:
                 out[lk] = torch.cat(parts, dim)
         return out
+
+
+def read_gqla_checkpoint(path: str):
+    """(reference ModelWeights float32, GQLAConfig, args) of a GQLA torch_dist checkpoint written by
+    gqla-convert or gqla-pretrain (any saved TP: global tensors), read without Megatron.
+    Uses the args' qk_layernorm / rotary_base / layernorm_epsilon (defaults: gqla-pretrain's)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from gqla_megatron.config import GQLAConfig
+    from gqla_megatron.megatron import adapters
+
+    ckpt, _ = resolve_checkpoint_dir(path)
+    args = _read_state_args(ckpt)
+    if args is None:
+        raise ValueError(f"{ckpt}: no {STATE} with 'args' (not a gqla-pretrain / gqla-convert checkpoint)")
+    if args.get("attention", "gqla") != "gqla":
+        raise ValueError(f"{ckpt}: a {args['attention']!r} checkpoint, not GQLA")
+    if not os.path.isfile(os.path.join(ckpt, ".metadata")):
+        raise ValueError(f"{ckpt}: not a torch_dist checkpoint (no .metadata)")
+    reader = FileSystemReader(ckpt)
+    meta = reader.read_metadata()
+    _verify_dcp_files(ckpt, meta)
+    where, _shapes, _dt, _st = _dcp_index(meta)
+    try:
+        cfg = GQLAConfig(hidden_size=args["hidden_size"], num_attention_heads=args["num_attention_heads"],
+                         num_query_groups=args["num_query_groups"], kv_lora_rank=args["kv_lora_rank"],
+                         qk_head_dim=args["qk_head_dim"], qk_pos_emb_head_dim=args["qk_pos_emb_head_dim"],
+                         v_head_dim=args["v_head_dim"], q_lora_rank=args.get("q_lora_rank"),
+                         rotary_base=float(args.get("rotary_base", 10000.0)),
+                         layernorm_epsilon=float(args.get("layernorm_epsilon", 1e-5)),
+                         qk_layernorm=bool(args.get("qk_layernorm", True)))
+    except KeyError as e:
+        raise ValueError(f"{ckpt}/{STATE}: args has no {e}") from e
+    sd = {k: v.float() for k, v in _dcp_read(reader, meta, where, list(where)).items()}
+    backend = "local" if "decoder.layers.0.input_layernorm.weight" in sd else "te"
+    try:
+        mw = adapters.model_to_reference(sd, cfg, args["num_layers"], backend=backend,
+                                         eps=float(args.get("layernorm_epsilon", 1e-5)))
+    except KeyError as e:
+        raise ValueError(f"{ckpt}: {e}") from e
+    return mw, cfg, args
 
 
 def open_gqa_source(path: str) -> _KeyedSource:
@@ -975,12 +1034,14 @@ def _chunked(fn: Callable[[Tensor], Tensor], h: Tensor, batch: int) -> Tensor:
     return torch.cat([fn(h[i:i + batch]) for i in range(0, h.shape[0], batch)], 0)
 
 
-def _nll(h: Tensor, tokens: Tensor, final_norm: Tensor, output: Tensor, eps: float, batch: int) -> Tuple[float, int]:
+def _nll(h: Tensor, tokens: Tensor, final_norm: Tensor, output: Tensor, eps: float) -> Tuple[float, int]:
+    """Summed next-token NLL of final hidden states h (N, S, D), one window at a time (the
+    (S, vocab) logits of one window are the largest temporary)."""
     nll, count = 0.0, 0
-    for i in range(0, h.shape[0], batch):
-        logits = (_rms(h[i:i + batch], final_norm, eps) @ output.T)[:, :-1].double()
-        tok = tokens[i:i + batch, 1:].to(logits.device)
-        nll -= torch.log_softmax(logits, -1).gather(-1, tok[..., None]).sum().item()
+    for i in range(h.shape[0]):
+        logits = (_rms(h[i], final_norm, eps) @ output.T)[:-1].float()
+        tok = tokens[i, 1:].to(logits.device)
+        nll += torch.nn.functional.cross_entropy(logits, tok, reduction="sum").item()
         count += tok.numel()
     return nll, count
 
@@ -1099,7 +1160,7 @@ def convert_checkpoint(source: GQASource, opts: ConvertOptions, out_dir: str, *,
             t0 = time.perf_counter()
             fn, ow = final_norm.to(dev), output.to(dev)
             for name, h in (("source", h_src), ("converted", h_dst)):
-                nll, n = _nll(h, eval_tokens, fn, ow, cfg.eps, opts.batch)
+                nll, n = _nll(h, eval_tokens, fn, ow, cfg.eps)
                 ppl[name] = math.exp(nll / n)
             ppl["tokens"] = int(eval_tokens[:, 1:].numel())
             times["evaluate"] += time.perf_counter() - t0
