@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 
 CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
     ("attention", r"fmha|flash|cudnn|fused_attn|attn"),
-    ("gemm_fp8", r"e4m3|e5m2|fp8.*gemm|gemm.*fp8"),
+    ("gemm_fp8", r"e4m3|e5m2|fp8.*gemm|gemm.*fp8|nvjet_sm90_q[qr]"),  # nvjet q*: quantized inputs
     ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|s16816|wgmma"),
     ("fp8_cast_transpose", r"cast|transpose|quantize|dequant"),
     ("fp8_amax_scale", r"amax|scale|delayed|fp8"),
@@ -119,7 +119,7 @@ def measure(attention, layers, fp8, rope_fusion, iters, seq, mbs):
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
     return {"attention": attention, "precision": "fp8" if fp8 else "bf16", "rope_fusion": rope_fusion,
             "layers": layers, "step_s": statistics.median(times), "tokens_per_s": mbs * seq / statistics.median(times),
-            "kernel_ms_per_step": dict(per_cat), "top_kernels_ms": top}
+            "kernel_ms_per_step": dict(per_cat), "top_kernels_ms": top, "kernels_ms": dict(per_kernel)}
 
 
 def main():
@@ -129,19 +129,23 @@ def main():
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--attention", nargs="+", default=["gqla", "gqa"])
+    p.add_argument("--rope-fusion", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--out", default=".")
+    p.add_argument("--render", help="only re-render the markdown from this fp8_profile.json")
     a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    if a.render:
+        return render(json.load(open(a.render)), a)
     import torch
     import torch.distributed as dist
 
     import gqla_megatron.megatron  # noqa: F401  (package init: the GQLA layer registry)
-    os.makedirs(a.out, exist_ok=True)
     torch.cuda.set_device(0)
     if not dist.is_initialized():
         dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29511", rank=0, world_size=1)
     rows = []
     for att in a.attention:
-        for rope_fusion in (False, True):
+        for rope_fusion in [v == "on" for v in a.rope_fusion]:
             for fp8 in (False, True):
                 try:
                     row = measure(att, a.layers, fp8, rope_fusion, a.iters, a.seq_length, a.micro_batch_size)
@@ -152,20 +156,31 @@ def main():
                 rows.append(row)
     with open(os.path.join(a.out, "fp8_profile.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    render(rows, a)
+
+
+def render(rows, a):
+    for r in rows:  # re-categorise from the per-kernel times when the JSON has them
+        if "kernels_ms" in r:
+            cat = defaultdict(float)
+            for k, v in r["kernels_ms"].items():
+                cat[category(k)] += v
+            r["kernel_ms_per_step"] = dict(cat)
     cats = sorted({c for r in rows for c in r.get("kernel_ms_per_step", {})})
     lines = [f"{a.layers} layers of gqla_1b, seq {a.seq_length}, micro-batch {a.micro_batch_size}, fwd+bwd, "
              "kernel ms per step (torch.profiler, CUDA time)", "",
-             "| attention | precision | rope fusion | step s | tokens/s | FP8/bf16 | " + " | ".join(cats) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(cats)]
+             "| attention | precision | rope fusion | step s | tokens/s | FP8/bf16 | kernel sum ms | GPU idle | "
+             + " | ".join(cats) + " |", "|---|---|---|---|---|---|---|---|" + "---|" * len(cats)]
     ok = {(r["attention"], r["precision"], r["rope_fusion"]): r for r in rows if "step_s" in r}
     for r in rows:
         if "step_s" not in r:
             lines.append(f"| {r['attention']} | {r['precision']} | {r['rope_fusion']} | error: {r['error'][:120]} |")
             continue
         b = ok.get((r["attention"], "bf16", r["rope_fusion"]))
+        busy = sum(r["kernel_ms_per_step"].values())  # profiled steps; idle = step time not covered
         ratio = f"{b['step_s'] / r['step_s']:.3f}" if b and r["precision"] == "fp8" else ""
         lines.append(f"| {r['attention']} | {r['precision']} | {r['rope_fusion']} | {r['step_s']:.4f} | "
-                     f"{r['tokens_per_s']:,.0f} | {ratio} | "
+                     f"{r['tokens_per_s']:,.0f} | {ratio} | {busy:.1f} | {1 - busy / 1e3 / r['step_s']:.0%} | "
                      + " | ".join(f"{r['kernel_ms_per_step'].get(c, 0):.2f}" for c in cats) + " |")
     lines += ["", "Top kernels per variant (ms per step):"]
     for r in rows:

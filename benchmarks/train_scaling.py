@@ -31,9 +31,9 @@ def layouts(gpus):
     return out  # (TP, DP)
 
 
-def run(attention, tp, dp, iters, out_dir, recipe):
+def run(attention, tp, dp, iters, out_dir, recipe, sp=True, tag=""):
     n = tp * dp
-    metrics = os.path.join(out_dir, f"m_{attention}_tp{tp}_dp{dp}.jsonl")
+    metrics = os.path.join(out_dir, f"m_{attention}_tp{tp}_dp{dp}{tag}.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), os.path.join(ROOT, "pretrain", "pretrain_gqla.py"),
@@ -41,11 +41,12 @@ def run(attention, tp, dp, iters, out_dir, recipe):
            "--tensor-model-parallel-size", str(tp), "--micro-batch-size", "2",
            "--global-batch-size", str(2 * dp), "--lr-warmup-iters", "2", "--log-interval", "1",
            "--metrics-file", metrics]
-    if tp > 1:
+    if tp > 1 and sp:
         cmd.append("--sequence-parallel")
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
-    row = {"attention": attention, "tp": tp, "dp": dp, "gpus": n, "returncode": r.returncode,
+    row = {"attention": attention, "tp": tp, "dp": dp, "gpus": n, "sp": sp and tp > 1,
+           "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"), "returncode": r.returncode,
            "wall_s": round(time.time() - t0, 1)}
     if r.returncode == 0 and os.path.exists(metrics):
         ms = [json.loads(line) for line in open(metrics)][3:]
@@ -64,17 +65,23 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--recipe", default="gqla_1b")
     p.add_argument("--attention", nargs="+", default=["gqla", "gqa"])
+    p.add_argument("--layouts", nargs="+", help="only these TPxDP layouts, e.g. 2x1 4x1")
+    p.add_argument("--no-sequence-parallel", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--out", default=".")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for att in a.attention:
         # the baseline only for tensor parallelism (its DP scaling is the same Megatron DDP)
-        for tp, dp in [l for l in layouts(a.gpus) if att == "gqla" or l[1] == 1]:
-            row = run(att, tp, dp, a.iters, a.out, a.recipe)
+        todo = [l for l in layouts(a.gpus) if att == "gqla" or l[1] == 1]
+        if a.layouts:
+            todo = [tuple(int(x) for x in l.split("x")) for l in a.layouts]
+        for tp, dp in todo:
+            row = run(att, tp, dp, a.iters, a.out, a.recipe, sp=not a.no_sequence_parallel, tag=a.tag)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    with open(os.path.join(a.out, "train_scaling.json"), "w") as f:
+    with open(os.path.join(a.out, f"train_scaling{a.tag}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     one = {r["attention"]: r for r in rows if r["gpus"] == 1 and "tokens_per_s" in r}
     lines = [f"recipe {a.recipe}, bf16, TE spec, micro-batch 2, global batch 2 x DP, median of iterations 4..{a.iters}",
@@ -89,7 +96,7 @@ def main():
         lines.append(f"| {r['attention']} | {r['tp']} | {r['dp']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s'] / r['gpus']:,.0f} | {eff} | {r['step_s']:.4f} | {r['tflops_per_gpu']:.1f} | "
                      f"{r['mem_gib']:.1f} |")
-    open(os.path.join(a.out, "train_scaling.md"), "w").write("\n".join(lines) + "\n")
+    open(os.path.join(a.out, f"train_scaling{a.tag}.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
