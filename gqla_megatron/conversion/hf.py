@@ -60,9 +60,18 @@ Three top-level functions (each validates its input before doing any work):
 ``load_hf_gqla(model_dir) -> (ModelWeights, GQLAConfig, tokenizer_path or None)``
     Reads the "gqla" layout back (exact round trip; every tensor used once).
 
+``load_hf_mla(model_dir) -> (ModelWeights, GQLAConfig, tokenizer_path or None)``
+    Reads a DENSE DeepSeek-V3-layout directory (every layer dense: ``first_k_dense_replace >=
+    num_hidden_layers``; no MoE, no MTP, no RoPE scaling, no biases) as an MLA model with
+    ``num_query_groups = num_attention_heads`` (one up-projection block per head), RoPE rows
+    brought back to the interleaved order if ``rope_interleave`` is false and latent-norm eps
+    1e-6 (transformers' DeepSeek-V3): the source format of ``mla_to_gqla``. DeepSeek-V2/V3
+    releases are MoE models and are rejected (``ModelWeights`` has dense SwiGLU MLPs only).
+
 CLI wiring (``gqla-convert``, owned by cli.py)::
 
     import-hf  SRC_DIR ...   -> load_hf_gqa(SRC_DIR), then write a Megatron GQA checkpoint
+    mla-to-gqla --hf-src DIR -> load_hf_mla(DIR) as the MLA source (see mla_to_gqla.py)
     export-hf  ... OUT_DIR --layout {gqla,deepseek_v3} [--rope-interleave/--no-rope-interleave]
                [--dtype fp32|bf16|fp16] [--tokenizer tokenizer.json]
                              -> save_hf_gqla(OUT_DIR, mw, cfg, layout=..., ...)
@@ -86,6 +95,7 @@ from gqla_megatron.config import GQLAConfig
 from gqla_megatron.conversion.gguf_import import GQALayerWeights, GQAModelConfig, GQAModelWeights
 
 __all__ = ["SUPPORTED_GQA_TYPES", "GQLA_LAYOUTS", "load_hf_gqa", "save_hf_gqla", "load_hf_gqla",
+           "load_hf_mla",
            "deepseek_v3_config", "gqla_hf_config", "interleaved_to_half_split_rows"]
 
 SUPPORTED_GQA_TYPES = ("llama", "mistral", "qwen2")
@@ -607,6 +617,98 @@ def load_hf_gqla(model_dir: str, *, dtype: Optional[torch.dtype] = None
     else:
         output = st.take("lm_head.weight", (vocab, D))
     st.finish("gqla")
+    mw = rm.ModelWeights(embedding=emb, layers=layers, final_norm=final_norm, output=output, eps=eps)
+    for lw in layers:
+        lw.attn.check(cfg)
+    return mw, cfg, _tokenizer_in(model_dir)
+
+
+# ----------------------------------------------------------------------------------------
+# 2b. dense DeepSeek-V3-layout (MLA) import
+# ----------------------------------------------------------------------------------------
+def _mla_config_from_hf(c: dict) -> Tuple[GQLAConfig, int, int, int, float, bool, bool]:
+    if c.get("model_type") != "deepseek_v3":
+        raise ValueError(f"config.json field 'model_type' is {c.get('model_type')!r}, expected "
+                         f"'deepseek_v3'")
+    n_layers = _cfg_int(c, "num_hidden_layers")
+    fk = c.get("first_k_dense_replace", 3)
+    if not isinstance(fk, int) or fk < n_layers:
+        raise ValueError(f"config.json field 'first_k_dense_replace' is {fk!r} < num_hidden_layers "
+                         f"({n_layers}): MoE layers are not supported (dense MLPs only)")
+    if c.get("num_nextn_predict_layers", 0):
+        raise ValueError(f"config.json field 'num_nextn_predict_layers' is "
+                         f"{c['num_nextn_predict_layers']!r}: MTP layers are not supported")
+    if c.get("attention_bias", False):
+        raise ValueError("config.json field 'attention_bias' is true: biases are not supported")
+    act = c.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"config.json field 'hidden_act' is {act!r}: only SiLU is supported")
+    theta = _rope_theta(c)
+    H = _cfg_int(c, "num_attention_heads")
+    kvh = c.get("num_key_value_heads", H)
+    if kvh not in (None, H):
+        raise ValueError(f"config.json field 'num_key_value_heads' is {kvh!r}; the DeepSeek-V3 "
+                         f"layout has one kv_b_proj block per head ({H})")
+    q = c.get("q_lora_rank")
+    try:
+        cfg = GQLAConfig(
+            hidden_size=_cfg_int(c, "hidden_size"), num_attention_heads=H, num_query_groups=H,
+            kv_lora_rank=_cfg_int(c, "kv_lora_rank"), qk_head_dim=_cfg_int(c, "qk_nope_head_dim"),
+            qk_pos_emb_head_dim=_cfg_int(c, "qk_rope_head_dim"), v_head_dim=_cfg_int(c, "v_head_dim"),
+            q_lora_rank=None if q is None else _cfg_int(c, "q_lora_rank"), rotary_base=theta,
+            layernorm_epsilon=_DEEPSEEK_NORM_EPS, qk_layernorm=True)
+    except ValueError as e:
+        raise ValueError(f"config.json does not describe a valid MLA model: {e}") from e
+    return (cfg, n_layers, _cfg_int(c, "vocab_size"), _cfg_int(c, "intermediate_size"),
+            _cfg_float(c, "rms_norm_eps"), bool(c.get("tie_word_embeddings", False)),
+            bool(c.get("rope_interleave", True)))
+
+
+def load_hf_mla(model_dir: str, *, dtype: Optional[torch.dtype] = torch.float32
+                ) -> Tuple[rm.ModelWeights, GQLAConfig, Optional[str]]:
+    """Read a dense DeepSeek-V3-layout directory as a per-head MLA model (module doc)."""
+    c = _read_config(model_dir)
+    cfg, n_layers, vocab, F, eps, tied, interleave = _mla_config_from_hf(c)
+    st = _LazyTensors(model_dir, dtype)
+    D, H, C = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+    N, R, V, Q = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.q_lora_rank
+    back = torch.argsort(interleaved_to_half_split_rows(R))      # half-split -> interleaved
+    emb = st.take("model.embed_tokens.weight", (vocab, D))
+    layers = []
+    for i in range(n_layers):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        if Q is None:
+            W_DQ, q_norm = None, None
+            W_UQ = st.take(a + "q_proj.weight", (H * (N + R), D))
+        else:
+            W_DQ = st.take(a + "q_a_proj.weight", (Q, D))
+            q_norm = st.take(a + "q_a_layernorm.weight", (Q,))
+            W_UQ = st.take(a + "q_b_proj.weight", (H * (N + R), Q))
+        kv_a = st.take(a + "kv_a_proj_with_mqa.weight", (C + R, D))
+        W_KR = kv_a[C:]
+        if not interleave:
+            W_UQ = W_UQ.view(H, N + R, -1)
+            W_UQ = torch.cat([W_UQ[:, :N], W_UQ[:, N:][:, back]], 1).reshape(H * (N + R), -1)
+            W_KR = W_KR[back]
+        attn = ref.GQLAWeights(W_UQ=W_UQ.contiguous(), W_DKV=kv_a[:C].clone(),
+                               W_KR=W_KR.contiguous().clone(),
+                               W_UKV=st.take(a + "kv_b_proj.weight", (H * (N + V), C)),
+                               W_O=st.take(a + "o_proj.weight", (D, H * V)), W_DQ=W_DQ,
+                               q_norm=q_norm, kv_norm=st.take(a + "kv_a_layernorm.weight", (C,)))
+        gate = st.take(p + "mlp.gate_proj.weight", (F, D))
+        up = st.take(p + "mlp.up_proj.weight", (F, D))
+        layers.append(rm.LayerWeights(
+            input_norm=st.take(p + "input_layernorm.weight", (D,)), attn=attn,
+            mlp_norm=st.take(p + "post_attention_layernorm.weight", (D,)),
+            W_fc1=torch.cat([gate, up], 0), W_fc2=st.take(p + "mlp.down_proj.weight", (D, F))))
+    final_norm = st.take("model.norm.weight", (D,))
+    if tied:
+        if st.has("lm_head.weight"):
+            st.take("lm_head.weight", (vocab, D))
+        output = emb
+    else:
+        output = st.take("lm_head.weight", (vocab, D))
+    st.finish("deepseek_v3 (dense MLA)")
     mw = rm.ModelWeights(embedding=emb, layers=layers, final_norm=final_norm, output=output, eps=eps)
     for lw in layers:
         lw.attn.check(cfg)

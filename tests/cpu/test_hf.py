@@ -248,3 +248,35 @@ def test_export_bad_input(tmp_path):
     hf.save_hf_gqla(str(tmp_path / "ds"), mw, cfg, layout="deepseek_v3")
     with pytest.raises(ValueError, match="model_type"):
         hf.load_hf_gqla(str(tmp_path / "ds"))
+
+
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_deepseek_v3_layout_reads_back_as_mla_and_regroups_exactly(tmp_path, rope_interleave):
+    """GQLA (g=2) -> DeepSeek-V3 dir -> load_hf_mla (per-head MLA, g=h_q) -> mla_to_gqla with
+    neighbour groups of the original size: the same model (each group's stacked per-head
+    up-projection has rank d_n, so the PCA at d_n is exact)."""
+    from gqla_megatron.conversion import mla_to_gqla as m2g
+
+    cfg = gqla_cfg(24)
+    mw = _model(cfg).to(torch.float64)
+    out = str(tmp_path / "ds")
+    hf.save_hf_gqla(out, mw, cfg, layout="deepseek_v3", rope_interleave=rope_interleave)
+    mla, mcfg, _ = hf.load_hf_mla(out, dtype=torch.float64)
+    assert mcfg.num_query_groups == mcfg.num_attention_heads == 6
+    assert mcfg == dataclasses.replace(cfg, num_query_groups=6)
+    tokens = torch.randint(0, 80, (2, 11), generator=torch.Generator().manual_seed(4))
+    expected = rm.forward(tokens, mw, cfg)
+    assert compare(rm.forward(tokens, mla, mcfg), expected)["rel_l2"] < 1e-12
+    back, bcfg, rep = m2g.convert_mla_model(mla, mcfg, num_query_groups=2,
+                                            calib_tokens=tokens.repeat(2, 1))
+    assert bcfg == cfg and min(rep.layers[0].k_energy) > 1 - 1e-9
+    assert compare(rm.forward(tokens, back, bcfg), expected)["rel_l2"] < 1e-12
+
+
+def test_load_hf_mla_rejects_moe(tmp_path):
+    cfg = gqla_cfg(24)
+    out = str(tmp_path / "ds")
+    hf.save_hf_gqla(out, _model(cfg), cfg, layout="deepseek_v3")
+    _edit_config(out, first_k_dense_replace=1)
+    with pytest.raises(ValueError, match="first_k_dense_replace"):
+        hf.load_hf_mla(out)
