@@ -253,12 +253,11 @@ def head_similarity(A_K: Tensor, A_V: Tensor, S_K: Tensor, S_V: Tensor,
         Lc = torch.linalg.cholesky(_damped(S, 1e-9))
         B = A @ Lc                                                   # (H, n, C): B B^T = A S A^T
         tr = B.pow(2).sum((1, 2)).clamp_min(1e-300)
-        for h in range(H):
-            for h2 in range(h + 1, H):
-                nuc = torch.linalg.svdvals(B[h] @ B[h2].T).sum()
-                val = wt * nuc / (tr[h] * tr[h2]).sqrt()
-                sim[h, h2] += val
-                sim[h2, h] += val
+        for h in range(H - 1):
+            cross = torch.einsum("nc,kmc->knm", B[h], B[h + 1:])      # (H-h-1, n, n)
+            val = wt * torch.linalg.svdvals(cross).sum(-1) / (tr[h] * tr[h + 1:]).sqrt()
+            sim[h, h + 1:] += val
+            sim[h + 1:, h] += val
     return sim
 
 
