@@ -18,10 +18,24 @@
   caches only its groups' K/V (zero redundancy; needs g % TP == 0) plus the shared RoPE key
   (d_r values per token, replicated on every rank). absorb path: any TP dividing h_q; every
   rank caches the full latent (replicated). Embeddings, norms and the MLP are replicated.
+* MTP speculative decoding (``speculative=True``, weights with MTP depths, greedy only): each
+  step verifies s_q = 1 + k tokens (the last accepted token and k drafts) in ONE main-model
+  decode call on the chosen path, accepts the longest prefix of drafts that equal the main
+  model's greedy tokens, plus the main model's next token, and rolls the caches back by length
+  only (rejected slots are overwritten later, never read). The tokens are exactly those of
+  plain greedy decoding. Drafts come from the checkpoint's MTP depths (reference_model.py):
+  depth m at position j reads the depth m-1 hidden at j and token t_{j+m}, with its own
+  GQLA KV cache on the same path; entries built on a draft token are recomputed next step.
+  Acceptance and tokens per step are in ``engine.stats`` and each ``GenerationResult``.
+* CUDA graphs (``cuda_graphs=True``, CUDA only): the decode-step functions (main model at
+  s_q = 1 or 1 + k, each MTP depth) are captured per batch bucket (powers of two up to
+  max_batch) on static input buffers; the caches are allocated once per bucket and reused, so
+  a replay reads and writes the same memory. On CPU the engine says so and runs eagerly.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -70,6 +84,8 @@ class SamplingParams:
     """Generation of a request ends after it emits one of these."""
     seed: int = 0
     """Seed of the sampling generator."""
+    return_logits: bool = True
+    """Keep the (n_generated, vocab) logits of every request (off for long benchmarks)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -88,6 +104,63 @@ class GenerationResult:
     """(n_generated, vocab) logits of each generated position (for tests and scoring)."""
     error: Optional[str] = None
     """Why the request was rejected (then ``tokens`` is empty)."""
+    steps: int = 0
+    """Decode steps this request took part in (after the prefill)."""
+    accepted_drafts: int = 0
+    """Speculative mode: MTP draft tokens accepted over those steps (k drafted per step)."""
+
+
+def batch_bucket(batch: int, max_batch: int) -> int:
+    """The CUDA-graph batch bucket of ``batch`` requests: the smallest power of two >= batch,
+    capped at max_batch (so the buckets are 1, 2, 4, ... and max_batch)."""
+    if not 1 <= batch <= max_batch:
+        raise ValueError(f"batch must be in [1, max_batch={max_batch}], got {batch}")
+    b = 1
+    while b < batch:
+        b *= 2
+    return min(b, max_batch)
+
+
+class StepGraphs:
+    """Decode-step functions run on static input buffers, one entry per key (function, batch
+    bucket, s_q). ``capture=True`` (CUDA): the first call warms up on a side stream and captures
+    a CUDA graph, later calls copy the inputs into the static buffers and replay. A warm-up
+    writes the same cache slots as the real call with the same values (a step's cache writes
+    depend only on its inputs), so capturing leaves the caches as one eager call would.
+    ``capture=False`` runs the same static-buffer bookkeeping eagerly (CPU tests)."""
+
+    def __init__(self, capture: bool):
+        self.capture = capture
+        self.entries = {}
+        self.pool = None
+
+    def reset(self) -> None:
+        """Forget every graph (call when the caches or weights they captured are replaced)."""
+        self.entries.clear()
+
+    def __call__(self, key, fn, *inputs):
+        entry = self.entries.get(key)
+        if entry is None:
+            static = [x.clone() for x in inputs]
+            graph = out = None
+            if self.capture:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    fn(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = fn(*static)
+                self.pool = graph.pool()
+            entry = self.entries[key] = (graph, static, out)
+        graph, static, out = entry
+        for buf, x in zip(static, inputs):
+            buf.copy_(x)
+        if graph is None:
+            return fn(*static)
+        graph.replay()
+        return tuple(o.clone() for o in out)
 
 
 def sample(logits: Tensor, p: SamplingParams, gen: torch.Generator) -> Tensor:
@@ -107,11 +180,25 @@ class GQLAEngine:
     def __init__(self, mw: refm.ModelWeights, cfg: GQLAConfig, *, decode_path: str = "auto",
                  max_batch: int = 8, max_seq_len: int = 2048, device="cpu", dtype=torch.float32,
                  decode_backend: str = "auto", device_spec=None, verbose: bool = False,
-                 tp_group=None):
+                 tp_group=None, speculative: bool = False, num_speculative_tokens: Optional[int] = None,
+                 cuda_graphs: bool = False):
         from gqla_megatron import roofline
 
         if decode_path not in ("auto",) + PATHS:
             raise ValueError(f"decode_path must be 'auto', 'absorb' or 'gqa', got {decode_path!r}")
+        if max_batch < 1 or max_seq_len < 2:
+            raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
+        self.speculative, self.k = bool(speculative), 0
+        if speculative:
+            if not mw.mtp:
+                raise ValueError("speculative=True needs MTP layers in the weights (train with "
+                                 "--mtp-num-layers); this model has none")
+            self.k = len(mw.mtp) if num_speculative_tokens is None else num_speculative_tokens
+            if not 1 <= self.k <= len(mw.mtp):
+                raise ValueError(f"num_speculative_tokens must be in [1, {len(mw.mtp)}] (the MTP depths), "
+                                 f"got {num_speculative_tokens}")
+        elif num_speculative_tokens is not None:
+            raise ValueError("num_speculative_tokens needs speculative=True")
         self.device, self.dtype = torch.device(device), dtype
         self.full_cfg = cfg
         self.tp_group = tp_group
@@ -119,6 +206,8 @@ class GQLAEngine:
         self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
         self.mw = mw.to(device=self.device, dtype=dtype)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        # speculative steps touch up to ~2k slots past the last accepted token
+        self.capacity = max_seq_len + (2 * self.k + 2 if self.speculative else 0)
         self.vocab_size = self.mw.embedding.shape[0]
         spec = device_spec
         if spec is None:
@@ -127,14 +216,29 @@ class GQLAEngine:
             if self.tp > 1:
                 dist.broadcast_object_list(spec, src=dist.get_global_rank(tp_group, 0), group=tp_group)
             spec = spec[0]
+        self.device_spec = spec
         self.decision = roofline.choose_decode_path(
-            cfg, spec, s_q=1, batch=max_batch, context=max_seq_len, requested=decode_path,
+            cfg, spec, s_q=1 + self.k, batch=max_batch, context=max_seq_len, requested=decode_path,
             dtype_bytes=torch.finfo(dtype).bits // 8, tp=self.tp)
         self.cfg = cfg
+        mtp_layers = [m.layer for m in self.mw.mtp[:self.k]]
         self.local = [(cfg, l.attn) for l in self.mw.layers]
+        self.local_mtp = [(cfg, l.attn) for l in mtp_layers]
         if self.tp > 1:
             self.local = [local_attention(l.attn, cfg, self.tp_rank, self.tp) for l in self.mw.layers]
+            self.local_mtp = [local_attention(l.attn, cfg, self.tp_rank, self.tp) for l in mtp_layers]
             self.cfg = self.local[0][0]
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs = None
+        if cuda_graphs:
+            if self.device.type == "cuda":
+                self._graphs = StepGraphs(capture=True)
+            else:
+                print(f"gqla engine: CUDA graphs need a CUDA device (this engine runs on {self.device}); "
+                      f"decoding eagerly", file=sys.stderr)
+                self.cuda_graphs = False
+        self.caches, self.mtp_caches, self._cache_rows = None, [], 0
+        self.stats: dict = {}
         self._backend_request = decode_backend
         self._set_path(self.decision.path)
         if verbose:
@@ -150,9 +254,12 @@ class GQLAEngine:
         choice = select_backend(path, self.cfg, self.device, self.dtype, self._backend_request)
         self.path, self.backend, self.rejected_backends = path, choice.backend, choice.rejected
         self.prepared = [self.backend.prepare(w, c) for c, w in self.local]
+        self.prepared_mtp = [self.backend.prepare(w, c) for c, w in self.local_mtp]
+        if self._graphs is not None:
+            self._graphs.reset()
 
     def cache_bytes_per_token(self, path: Optional[str] = None) -> int:
-        """KV bytes per token on THIS rank (all layers)."""
+        """KV bytes per token on THIS rank (all main layers; MTP layers excluded)."""
         return refm.cache_bytes_per_token(path or self.path, self.cfg, len(self.mw.layers),
                                           torch.finfo(self.dtype).bits // 8)
 
@@ -161,79 +268,129 @@ class GQLAEngine:
             dist.all_reduce(y, group=self.tp_group)
         return y
 
-    def _alloc(self, B: int) -> list:
-        c, T, kw = self.cfg, self.max_seq_len, dict(device=self.device, dtype=self.dtype)
+    def _alloc_layers(self, B: int, n: int) -> list:
+        c, T, kw = self.cfg, self.capacity, dict(device=self.device, dtype=self.dtype)
         if self.path == "absorb":
             return [{"c": torch.zeros(B, T, c.kv_lora_rank, **kw),
-                     "k_rope": torch.zeros(B, T, c.qk_pos_emb_head_dim, **kw)} for _ in self.mw.layers]
+                     "k_rope": torch.zeros(B, T, c.qk_pos_emb_head_dim, **kw)} for _ in range(n)]
         G = c.num_query_groups
         return [{"k_nope": torch.zeros(B, T, G, c.qk_head_dim, **kw), "v": torch.zeros(B, T, G, c.v_head_dim, **kw),
-                 "k_rope": torch.zeros(B, T, c.qk_pos_emb_head_dim, **kw)} for _ in self.mw.layers]
+                 "k_rope": torch.zeros(B, T, c.qk_pos_emb_head_dim, **kw)} for _ in range(n)]
+
+    def _ensure_caches(self, B: int) -> None:
+        """Caches for B rows: fresh per call without graphs; with graphs reused while the bucket
+        (and path) stays the same, since the captured graphs hold their addresses."""
+        if self._graphs is not None and self.caches is not None and self._cache_rows == B:
+            return
+        self.caches = self._alloc_layers(B, len(self.mw.layers))
+        self.mtp_caches = self._alloc_layers(B, self.k)
+        self._cache_rows = B
+        if self._graphs is not None:
+            self._graphs.reset()
+
+    def _alloc(self, B: int) -> list:
+        """Main-layer caches for B rows (kept for callers of the earlier API)."""
+        return self._alloc_layers(B, len(self.mw.layers))
 
     def switch_path(self, path: str) -> None:
-        """Convert the live caches to ``path`` without re-prefill (see module docstring)."""
+        """Convert the live caches (main and MTP) to ``path`` without re-prefill (see module docstring)."""
         if path == self.path:
             return
         if path not in PATHS:
             raise ValueError(f"decode path must be 'absorb' or 'gqa', got {path!r}")
-        new = []
-        for cache, (lcfg, lw) in zip(self.caches, self.local):
-            if path == "gqa":
-                g = ref.expand_cache(ref.LatentCache(cache["c"], cache["k_rope"]), lw, lcfg)
-                new.append({"k_nope": g.k_nope_BTGN, "v": g.v_BTGV, "k_rope": g.k_rope_BTR})
-            else:
-                # with TP each rank recovers the latent from ITS groups' K/V (same rank condition)
-                lat = ref.compress_cache(ref.GroupCache(cache["k_nope"], cache["v"], cache["k_rope"]),
-                                         lw, lcfg)
-                new.append({"c": lat.c_BTC, "k_rope": lat.k_rope_BTR})
+
+        def convert(caches, local):
+            new = []
+            for cache, (lcfg, lw) in zip(caches, local):
+                if path == "gqa":
+                    g = ref.expand_cache(ref.LatentCache(cache["c"], cache["k_rope"]), lw, lcfg)
+                    new.append({"k_nope": g.k_nope_BTGN, "v": g.v_BTGV, "k_rope": g.k_rope_BTR})
+                else:
+                    # with TP each rank recovers the latent from ITS groups' K/V (same rank condition)
+                    lat = ref.compress_cache(ref.GroupCache(cache["k_nope"], cache["v"], cache["k_rope"]),
+                                             lw, lcfg)
+                    new.append({"c": lat.c_BTC, "k_rope": lat.k_rope_BTR})
+            return new
+
+        new, new_mtp = convert(self.caches, self.local), convert(self.mtp_caches, self.local_mtp)
         self._set_path(path)
-        self.caches = new
+        self.caches, self.mtp_caches = new, new_mtp
 
     # ---- model steps ------------------------------------------------------------------
-    def _prefill_one(self, b: int, prompt: Tensor) -> Tensor:
-        """Prefill of one request into cache row b (the whole prompt at once, causal, through the
-        reference decode functions on this rank's heads); returns the last position's logits."""
-        mw = self.mw
+    def _prefill_layer(self, h: Tensor, lw: refm.LayerWeights, local, cache: dict, b: int) -> Tensor:
+        """One layer over a whole prompt (1, L, D) at positions 0..L-1 through the reference
+        decode functions on this rank's heads; its K/V go into row b of ``cache``."""
+        lcfg, w = local
         step = ref.decode_absorb if self.path == "absorb" else ref.decode_gqa
-        h = mw.embedding[prompt][None]
-        caches = []
-        for lw, (lcfg, w) in zip(mw.layers, self.local):
-            empty = (ref.empty_latent_cache if self.path == "absorb" else ref.empty_group_cache)(
-                lcfg, 1, dtype=self.dtype, device=self.device)
-            y, c = step(ref.rms_norm(h, lw.input_norm, mw.eps), empty, w, lcfg)
-            caches.append(c)
-            h = h + self._reduce(y)
-            h = h + refm.mlp(h, lw, mw.eps)
-        logits = ref.rms_norm(h, mw.final_norm, mw.eps) @ mw.output.T
-        L = prompt.shape[0]
-        for row, c in zip(self.caches, caches):
-            if self.path == "absorb":
-                row["c"][b, :L], row["k_rope"][b, :L] = c.c_BTC[0], c.k_rope_BTR[0]
-            else:
-                row["k_nope"][b, :L], row["v"][b, :L], row["k_rope"][b, :L] = c.k_nope_BTGN[0], c.v_BTGV[0], c.k_rope_BTR[0]
-        return logits[0, -1]
+        empty = (ref.empty_latent_cache if self.path == "absorb" else ref.empty_group_cache)(
+            lcfg, 1, dtype=self.dtype, device=self.device)
+        y, c = step(ref.rms_norm(h, lw.input_norm, self.mw.eps), empty, w, lcfg)
+        L = h.shape[1]
+        if self.path == "absorb":
+            cache["c"][b, :L], cache["k_rope"][b, :L] = c.c_BTC[0], c.k_rope_BTR[0]
+        else:
+            cache["k_nope"][b, :L], cache["v"][b, :L], cache["k_rope"][b, :L] = c.k_nope_BTGN[0], c.v_BTGV[0], c.k_rope_BTR[0]
+        h = h + self._reduce(y)
+        return h + refm.mlp(h, lw, self.mw.eps)
+
+    def _prefill_hidden(self, b: int, prompt: Tensor) -> Tensor:
+        """Prefill of one request into cache row b; the final-normed hidden (L, D)."""
+        h = self.mw.embedding[prompt][None]
+        for lw, local, cache in zip(self.mw.layers, self.local, self.caches):
+            h = self._prefill_layer(h, lw, local, cache, b)
+        return ref.rms_norm(h, self.mw.final_norm, self.mw.eps)[0]
+
+    def _prefill_one(self, b: int, prompt: Tensor) -> Tensor:
+        """Prefill of one request into cache row b; the last position's logits."""
+        return self._prefill_hidden(b, prompt)[-1] @ self.mw.output.T
+
+    def _layer_step(self, h: Tensor, lw: refm.LayerWeights, local, prep: dict, cache: dict,
+                    lengths: Tensor) -> Tensor:
+        """One layer for S new tokens per sequence at positions lengths[b] + s (B, S, D)."""
+        cfg, w = local
+        B, S, _ = h.shape
+        pos = lengths[:, None] + torch.arange(S, device=self.device)
+        rows = torch.arange(B, device=self.device)[:, None]
+        x = ref.rms_norm(h, lw.input_norm, self.mw.eps)
+        q_nope, q_rope = ref.project_queries(x, w, cfg, pos)
+        c_new, kr_new = ref.project_latent(x, w, cfg, pos)
+        cache["k_rope"][rows, pos] = kr_new
+        if self.path == "absorb":
+            cache["c"][rows, pos] = c_new
+        else:
+            kn, v = ref.expand_latent(c_new, w, cfg)
+            cache["k_nope"][rows, pos], cache["v"][rows, pos] = kn, v
+        o = self.backend.attend(prep, q_nope, q_rope, cache, lengths, cfg)
+        h = h + self._reduce(o.reshape(B, S, -1) @ w.W_O.T)
+        return h + refm.mlp(h, lw, self.mw.eps)
+
+    def _main_step(self, tokens: Tensor, lengths: Tensor) -> tuple:
+        """The main model on tokens (B, S) at positions lengths[b] + s: (logits (B, S, vocab),
+        final-normed hidden (B, S, D))."""
+        mw = self.mw
+        h = mw.embedding[tokens]
+        for lw, local, prep, cache in zip(mw.layers, self.local, self.prepared, self.caches):
+            h = self._layer_step(h, lw, local, prep, cache, lengths)
+        h = ref.rms_norm(h, mw.final_norm, mw.eps)
+        return h @ mw.output.T, h
+
+    def _mtp_step(self, depth: int, h_prev: Tensor, next_tokens: Tensor, lengths: Tensor) -> tuple:
+        """MTP depth ``depth`` (1-based) on S positions per sequence starting at lengths[b]:
+        (its final-normed output (B, S, D),)."""
+        m = self.mw.mtp[depth - 1]
+        x = refm.mtp_input(h_prev, next_tokens, m, self.mw)
+        h = self._layer_step(x, m.layer, self.local_mtp[depth - 1], self.prepared_mtp[depth - 1],
+                             self.mtp_caches[depth - 1], lengths)
+        return (ref.rms_norm(h, m.final_norm, self.mw.eps),)
+
+    def _run(self, key, fn, *inputs):
+        if self._graphs is None:
+            return fn(*inputs)
+        return self._graphs((key, self.path) + tuple(x.shape for x in inputs), fn, *inputs)
 
     def _decode_step(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """One token per sequence at position ``lengths``; returns logits (B, vocab)."""
-        mw = self.mw
-        B = tokens.shape[0]
-        rows = torch.arange(B, device=self.device)
-        pos = lengths[:, None]
-        h = mw.embedding[tokens][:, None]                                  # (B, 1, D)
-        for lw, (cfg, w), prep, cache in zip(mw.layers, self.local, self.prepared, self.caches):
-            x = ref.rms_norm(h, lw.input_norm, mw.eps)
-            q_nope, q_rope = ref.project_queries(x, w, cfg, pos)
-            c_new, kr_new = ref.project_latent(x, w, cfg, pos)
-            cache["k_rope"][rows, lengths] = kr_new[:, 0]
-            if self.path == "absorb":
-                cache["c"][rows, lengths] = c_new[:, 0]
-            else:
-                kn, v = ref.expand_latent(c_new, w, cfg)
-                cache["k_nope"][rows, lengths], cache["v"][rows, lengths] = kn[:, 0], v[:, 0]
-            o = self.backend.attend(prep, q_nope, q_rope, cache, lengths, cfg)
-            h = h + self._reduce(o.reshape(B, 1, -1) @ w.W_O.T)
-            h = h + refm.mlp(h, lw, mw.eps)
-        return (ref.rms_norm(h, mw.final_norm, mw.eps) @ mw.output.T)[:, 0]
+        return self._run("main", self._main_step, tokens[:, None], lengths)[0][:, 0]
 
     # ---- public -----------------------------------------------------------------------
     def validate_request(self, prompt: Sequence[int], max_new: int) -> Optional[str]:
@@ -253,6 +410,9 @@ class GQLAEngine:
         """Generate for a batch of prompts of any lengths (<= max_batch valid requests).
         ``switch_at``/``switch_to``: convert the live cache to the other path after that many
         decode steps (tests the path switch)."""
+        if self.speculative and params.temperature > 0:
+            raise ValueError(f"speculative decoding is greedy only: temperature must be 0, got "
+                             f"{params.temperature} (build the engine with speculative=False to sample)")
         results = [GenerationResult() for _ in prompts]
         valid = []
         for i, p in enumerate(prompts):
@@ -266,25 +426,43 @@ class GQLAEngine:
         if not valid:
             return results
         B = len(valid)
-        self.caches = self._alloc(B)
-        gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        lengths = torch.tensor([len(prompts[i]) for i in valid], device=self.device)
-        first = torch.stack([self._prefill_one(b, torch.tensor(prompts[i], device=self.device))
+        rows = batch_bucket(B, self.max_batch) if self._graphs is not None else B
+        self._ensure_caches(rows)
+        if self.speculative:
+            self._generate_speculative(prompts, valid, rows, params, results, switch_at, switch_to)
+        else:
+            self._generate_plain(prompts, valid, rows, params, results, switch_at, switch_to)
+        return results
+
+    def _generate_plain(self, prompts, valid, rows, params, results, switch_at, switch_to):
+        B, dev = len(valid), self.device
+        gen = torch.Generator(device=dev).manual_seed(params.seed)
+        lengths = torch.zeros(rows, dtype=torch.long, device=dev)  # padding rows: length 0
+        lengths[:B] = torch.tensor([len(prompts[i]) for i in valid], device=dev)
+        first = torch.stack([self._prefill_one(b, torch.tensor(prompts[i], device=dev))
                              for b, i in enumerate(valid)])
-        logits_all, tokens_all = [first], [sample(first, params, gen)]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        stops = torch.tensor(list(params.stop_tokens) or [-1], device=self.device)
+        tok = torch.zeros(rows, dtype=torch.long, device=dev)
+        tok[:B] = sample(first, params, gen)
+        logits_all, tokens_all = [first], [tok[:B].clone()]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        stops = torch.tensor(list(params.stop_tokens) or [-1], device=dev)
+        steps = 0
         for step in range(params.max_new_tokens - 1):
             done |= torch.isin(tokens_all[-1], stops)
             if bool(done.all()):
                 break
             if switch_at is not None and step == switch_at:
                 self.switch_path(switch_to)
-            lg = self._decode_step(tokens_all[-1], lengths)
+            lg = self._decode_step(tok, lengths)[:B]
             lengths = lengths + 1
-            logits_all.append(lg)
-            tokens_all.append(torch.where(done, tokens_all[-1], sample(lg, params, gen)))
-        toks, lgs = torch.stack(tokens_all, 1), torch.stack(logits_all, 1)
+            steps += 1
+            if params.return_logits:
+                logits_all.append(lg)
+            tok = tok.clone()
+            tok[:B] = torch.where(done, tokens_all[-1], sample(lg, params, gen))
+            tokens_all.append(tok[:B].clone())
+        toks = torch.stack(tokens_all, 1)
+        lgs = torch.stack(logits_all, 1) if params.return_logits else None
         stop_set = set(params.stop_tokens)
         for b, i in enumerate(valid):
             out = toks[b].tolist()
@@ -293,5 +471,123 @@ class GQLAEngine:
                 if t in stop_set:
                     n = j + 1
                     break
-            results[i].tokens, results[i].logits = out[:n], lgs[b, :n]
-        return results
+            results[i].tokens = out[:n]
+            results[i].logits = lgs[b, :n] if lgs is not None else None
+            results[i].steps = n - 1
+        n_gen = sum(len(results[i].tokens) - 1 for i in valid)
+        self.stats = {"speculative": False, "decode_steps": steps, "tokens_per_step": 1.0 if n_gen else 0.0}
+
+    # ---- speculative decoding -----------------------------------------------------------
+    def _spec_state(self, rows: int) -> dict:
+        """Speculative bookkeeping for ``rows`` sequences: tok (rows, capacity) every accepted
+        token with the current drafts after them; n (rows,) accepted tokens (the last one not
+        yet run through the main model); hist[d] (rows, W, D) the last W outputs of depth d
+        (d = 0: main final-normed hidden) by position % W; frozen rows (done or padding)."""
+        D, W = self.full_cfg.hidden_size, 2 * self.k + 2
+        kw = dict(device=self.device)
+        return {"tok": torch.zeros(rows, self.capacity, dtype=torch.long, **kw),
+                "n": torch.ones(rows, dtype=torch.long, **kw),
+                "hist": [torch.zeros(rows, W, D, dtype=self.dtype, **kw) for _ in range(self.k)],
+                "frozen": torch.ones(rows, dtype=torch.bool, **kw), "W": W}
+
+    def _spec_prefill(self, st: dict, b: int, prompt: Tensor) -> Tensor:
+        """Prefill row b: main model, its greedy next token, then MTP depths 1..k over the
+        prompt (depth m at the last position reads depth m-1's draft). Returns the logits of
+        the first generated token."""
+        mw, L, W = self.mw, prompt.shape[0], st["W"]
+        h = self._prefill_hidden(b, prompt)                     # (L, D)
+        logits = h[-1] @ mw.output.T
+        seq = torch.cat([prompt, logits.argmax()[None]])        # t_0 .. t_L
+        st["tok"][b, :L + 1] = seq
+        keep = torch.arange(max(0, L - W), L, device=self.device)
+        st["hist"][0][b, keep % W] = h[keep]
+        for m in range(1, self.k + 1):
+            x = refm.mtp_input(h[None], seq[m:m + L][None], mw.mtp[m - 1], mw)
+            out = self._prefill_layer(x, mw.mtp[m - 1].layer, self.local_mtp[m - 1], self.mtp_caches[m - 1], b)
+            h = ref.rms_norm(out, mw.mtp[m - 1].final_norm, mw.eps)[0]
+            seq = torch.cat([seq, (h[-1] @ mw.output.T).argmax()[None]])
+            if m < self.k:
+                st["hist"][m][b, keep % W] = h[keep]
+        st["tok"][b, :seq.shape[0]] = seq
+        st["n"][b], st["frozen"][b] = L + 1, False
+        return logits
+
+    def _spec_step(self, st: dict) -> tuple:
+        """One verify-accept-draft step for every row; returns (y (rows, k+1) the main model's
+        greedy tokens at the verified positions, a (rows,) accepted drafts, logits (rows, k+1, V)).
+        Row b emits y[b, :a[b] + 1]. Frozen rows keep their state."""
+        k, W, dev = self.k, st["W"], self.device
+        tok, n, frozen, hist = st["tok"], st["n"], st["frozen"], st["hist"]
+        R = n.shape[0]
+        rows = torch.arange(R, device=dev)
+        live = ~frozen
+        ar = torch.arange(k + 1, device=dev)
+        inp = tok.gather(1, (n - 1)[:, None] + ar)                        # last accepted + k drafts
+        logits, hid = self._run("main", self._main_step, inp, n - 1)
+        y = logits.argmax(-1)
+        a = (inp[:, 1:] == y[:, :k]).long().cumprod(1).sum(1)
+        a = torch.where(live, a, torch.zeros_like(a))
+        n_new = torch.where(live, n + a + 1, n)
+        tok[rows, n + a] = torch.where(live, y[rows, a], tok[rows, n + a])  # the main model's next token
+        self._hist_write(hist[0], (n - 1)[:, None] + ar, hid, (ar[None] <= a[:, None]) & live[:, None], W)
+        for m in range(1, k + 1):
+            start = (n - m).clamp(min=0)                                   # depth m's committed length
+            pos = start[:, None] + torch.arange(k + m, device=dev)
+            valid = (pos <= (n_new - 2)[:, None]) & live[:, None]
+            h_in = hist[m - 1][rows[:, None], pos % W]
+            nxt = tok.gather(1, (pos + m).clamp(max=tok.shape[1] - 1))
+            (out,) = self._run(("mtp", m), lambda h_, t_, l_, m=m: self._mtp_step(m, h_, t_, l_), h_in, nxt, start)
+            last = (n_new - 2 - start).clamp(min=0, max=k + m - 1)
+            draft = (out[rows, last] @ self.mw.output.T).argmax(-1)
+            slot = (n_new - 1 + m).clamp(max=tok.shape[1] - 1)
+            tok[rows, slot] = torch.where(live, draft, tok[rows, slot])
+            if m < k:
+                self._hist_write(hist[m], pos, out, valid, W)
+        st["n"] = n_new
+        return y, a, logits
+
+    @staticmethod
+    def _hist_write(buf: Tensor, pos: Tensor, val: Tensor, valid: Tensor, W: int) -> None:
+        rows = torch.arange(buf.shape[0], device=buf.device)[:, None].expand_as(pos)
+        slots = pos.clamp(min=0) % W
+        buf[rows[valid], slots[valid]] = val[valid]
+
+    def _generate_speculative(self, prompts, valid, rows, params, results, switch_at, switch_to):
+        B, dev = len(valid), self.device
+        st = self._spec_state(rows)
+        first = [self._spec_prefill(st, b, torch.tensor(prompts[i], device=dev)) for b, i in enumerate(valid)]
+        stop_set = set(params.stop_tokens)
+        out_tok = [[int(st["tok"][b, len(prompts[i])])] for b, i in enumerate(valid)]
+        out_lg = [[first[b]] for b in range(B)]
+        done = [out_tok[b][0] in stop_set or params.max_new_tokens == 1 for b in range(B)]
+        steps = accepted = emitted = 0
+        step = 0
+        while not all(done):
+            if switch_at is not None and step == switch_at:
+                self.switch_path(switch_to)
+            y, a, logits = self._spec_step(st)
+            step += 1
+            y_l, a_l = y.tolist(), a.tolist()
+            for b in range(B):
+                if done[b]:
+                    continue
+                r = results[valid[b]]
+                r.steps += 1
+                r.accepted_drafts += a_l[b]
+                steps, accepted, emitted = steps + 1, accepted + a_l[b], emitted + a_l[b] + 1
+                for j in range(a_l[b] + 1):
+                    out_tok[b].append(y_l[b][j])
+                    if params.return_logits:
+                        out_lg[b].append(logits[b, j])
+                    if y_l[b][j] in stop_set or len(out_tok[b]) == params.max_new_tokens:
+                        done[b] = True
+                        break
+                if done[b]:
+                    st["frozen"][b] = True
+        for b, i in enumerate(valid):
+            results[i].tokens = out_tok[b]
+            results[i].logits = torch.stack(out_lg[b]) if params.return_logits else None
+        self.stats = {"speculative": True, "num_speculative_tokens": self.k, "decode_steps": step,
+                      "row_steps": steps, "drafted": steps * self.k, "accepted": accepted,
+                      "acceptance_rate": accepted / (steps * self.k) if steps else 0.0,
+                      "tokens_per_step": emitted / steps if steps else 0.0}
