@@ -132,7 +132,10 @@ def _absorb_partial_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         if PAGED:
-            page = tl.load(BT + b * sbt_b + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            if PAGE % BLOCK_N == 0:   # the tile lies in one page: one table entry
+                page = tl.load(BT + b * sbt_b + n0 // PAGE).to(tl.int64)
+            else:
+                page = tl.load(BT + b * sbt_b + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
             slot = (offs_n % PAGE).to(tl.int64)
             c_row = page * sc_0 + slot * sc_1
             kr_row = page * skr_0 + slot * skr_1
@@ -235,7 +238,10 @@ def _gqa_partial_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         if PAGED:
-            page = tl.load(BT + b * sbt_b + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            if PAGE % BLOCK_N == 0:   # the tile lies in one page: one table entry
+                page = tl.load(BT + b * sbt_b + n0 // PAGE).to(tl.int64)
+            else:
+                page = tl.load(BT + b * sbt_b + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
             slot = (offs_n % PAGE).to(tl.int64)
             kn_row = page * skn_0 + slot * skn_1
             v_row = page * sv_0 + slot * sv_1
