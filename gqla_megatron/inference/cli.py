@@ -2,6 +2,7 @@
 
     gqla-serve generate --load runs/tiny --prompt-ids "1 2 3" --prompt-ids "7 8" --decode-path auto
     gqla-serve generate --load runs/tiny --tokenizer tokenizer.json --prompt "def main():" --max-new-tokens 64
+    gqla-serve generate --load runs/tiny_mtp --prompt-ids "1 2 3" --mtp-speculative   # MTP drafts, greedy
 
 Tensor parallel (TP = number of processes; heads and whole KV groups per rank):
     torchrun --standalone --nproc-per-node 4 serve/generate.py generate --load runs/tiny --prompt-ids "1 2 3"
@@ -34,6 +35,11 @@ def build_parser():
     g.add_argument("--stop-token", type=int, action="append", default=[], help="stop token id")
     g.add_argument("--max-seq-len", type=int, default=None, help="cache capacity (default: the model's)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--mtp-speculative", action="store_true",
+                   help="speculative decoding with the checkpoint's MTP layers (greedy only)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="drafts per step with --mtp-speculative (default: every MTP layer)")
+    g.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the decode step (GPU)")
     return p
 
 
@@ -64,6 +70,10 @@ def _generate(args) -> int:
     prompts = [[int(t) for t in s.split()] for s in args.prompt_ids] + [tok.encode(t).ids for t in texts]
     if not prompts:
         raise ValueError("give at least one --prompt-ids, --prompt or --prompt-file")
+    if args.mtp_speculative and args.temperature > 0:
+        raise ValueError("--mtp-speculative is greedy only: drop --temperature")
+    if args.num_speculative_tokens is not None and not args.mtp_speculative:
+        raise ValueError("--num-speculative-tokens needs --mtp-speculative")
     import os
 
     import torch
@@ -82,7 +92,9 @@ def _generate(args) -> int:
                          f"is {mw.embedding.shape[0]}: tokenizer and checkpoint do not match")
     engine = GQLAEngine(mw, cfg, decode_path=args.decode_path, decode_backend=args.decode_backend,
                         max_batch=len(prompts), max_seq_len=args.max_seq_len or run["seq_length"],
-                        tp_group=tp_group, device="cuda" if torch.cuda.is_available() else "cpu")
+                        tp_group=tp_group, device="cuda" if torch.cuda.is_available() else "cpu",
+                        speculative=args.mtp_speculative, num_speculative_tokens=args.num_speculative_tokens,
+                        cuda_graphs=args.cuda_graphs)
     results = engine.generate(prompts, SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         stop_tokens=tuple(args.stop_token), seed=args.seed))
@@ -93,6 +105,11 @@ def _generate(args) -> int:
           "".join(f"; rejected {k}: {v}" for k, v in engine.rejected_backends.items()))
     print(f"KV-cache bytes per token per rank (all layers, {engine.dtype}): absorb {engine.cache_bytes_per_token('absorb'):,} "
           f"| gqa {engine.cache_bytes_per_token('gqa'):,}")
+    if engine.speculative:
+        st = engine.stats
+        print(f"MTP speculative: {st['num_speculative_tokens']} draft(s) per step, acceptance "
+              f"{st['acceptance_rate']:.3f} ({st['accepted']}/{st['drafted']}), "
+              f"{st['tokens_per_step']:.3f} tokens per step")
     for i, r in enumerate(results):
         if r.error:
             print(f"[{i}] error: {r.error}")

@@ -132,7 +132,6 @@ class StepGraphs:
     def __init__(self, capture: bool):
         self.capture = capture
         self.entries = {}
-        self.pool = None
 
     def reset(self) -> None:
         """Forget every graph (call when the caches or weights they captured are replaced)."""
@@ -150,9 +149,8 @@ class StepGraphs:
                     fn(*static)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph):  # a private memory pool per graph
                     out = fn(*static)
-                self.pool = graph.pool()
             entry = self.entries[key] = (graph, static, out)
         graph, static, out = entry
         for buf, x in zip(static, inputs):
@@ -548,9 +546,10 @@ class GQLAEngine:
 
     @staticmethod
     def _hist_write(buf: Tensor, pos: Tensor, val: Tensor, valid: Tensor, W: int) -> None:
-        rows = torch.arange(buf.shape[0], device=buf.device)[:, None].expand_as(pos)
+        """buf[b, pos % W] = val where valid (no host sync; a row's positions span < W slots)."""
+        rows = torch.arange(buf.shape[0], device=buf.device)[:, None]
         slots = pos.clamp(min=0) % W
-        buf[rows[valid], slots[valid]] = val[valid]
+        buf[rows, slots] = torch.where(valid[..., None], val, buf[rows, slots])
 
     def _generate_speculative(self, prompts, valid, rows, params, results, switch_at, switch_to):
         B, dev = len(valid), self.device

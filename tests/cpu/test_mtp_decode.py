@@ -207,3 +207,16 @@ def test_every_draft_equals_the_reference_mtp_forward(path, monkeypatch):
                 assert int(mtp[i - 1][0, nb - 2].argmax()) == drafts[i - 1], (b, nb, i)
                 checked += 1
     assert checked >= 40
+
+
+def test_speculative_on_the_static_buffer_graph_path():
+    from gqla_megatron.inference.engine import StepGraphs
+
+    mw = spec_model(2, seed=5)
+    params = SamplingParams(max_new_tokens=12)
+    eng = GQLAEngine(mw, CFG, decode_path="absorb", max_batch=8, max_seq_len=40, device_spec=H100, speculative=True)
+    base = eng.generate(PROMPTS[:3], params)
+    eng._graphs = StepGraphs(capture=False)
+    got = eng.generate(PROMPTS[:3], params)  # 3 requests in a bucket of 4 (one frozen padding row)
+    assert eng._cache_rows == 4 and [r.tokens for r in got] == [r.tokens for r in base]
+    assert {k[0] for k in eng._graphs.entries} == {"main", ("mtp", 1), ("mtp", 2)}
