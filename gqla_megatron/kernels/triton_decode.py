@@ -91,8 +91,8 @@ def _absorb_partial_kernel(
         sc_0, sc_1, skr_0, skr_1, sbt_b,
         sop_b, sop_m, sop_p, slse_b, slse_m,
         so_b, so_s, so_h,
-        qk_scale, cap, nsplit,
-        H: tl.constexpr, S: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr,
+        qk_scale, cap, nsplit, H, S,
+        R: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DR_PAD: tl.constexpr,
         PAGED: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
         DOT_DTYPE: tl.constexpr):
@@ -186,8 +186,7 @@ def _gqa_partial_kernel(
         skn_0, skn_1, skn_g, sv_0, sv_1, sv_g, skr_0, skr_1, sbt_b,
         sop_b, sop_m, sop_p, slse_b, slse_m,
         so_b, so_s, so_h,
-        qk_scale, cap, nsplit,
-        H: tl.constexpr, S: tl.constexpr, M: tl.constexpr, MBLOCKS: tl.constexpr,
+        qk_scale, cap, nsplit, H, S, M, MBLOCKS,
         DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DN_PAD: tl.constexpr, DR_PAD: tl.constexpr, DV_PAD: tl.constexpr,
@@ -297,8 +296,8 @@ def _gqa_partial_kernel(
 
 def _combine_kernel(
         OPART, LSE, OUT,
-        sop_b, sop_m, sop_p, slse_b, slse_m, so_b, so_s, so_h, nsplit,
-        H: tl.constexpr, DV: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+        sop_b, sop_m, sop_p, slse_b, slse_m, so_b, so_s, so_h, nsplit, H,
+        DV: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
         BLOCK_DV: tl.constexpr):
     m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -360,8 +359,9 @@ def _dot_dtype(dtype: torch.dtype):
 class _Kernel:
     """A kernel jitted on first use, once per mode (compiled vs TRITON_INTERPRET)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, do_not_specialize=()):
         self.fn = fn
+        self.do_not_specialize = list(do_not_specialize)
         self._jit: Dict[bool, object] = {}
 
     def __getitem__(self, grid):
@@ -370,13 +370,16 @@ class _Kernel:
         if k is None:
             if mode:
                 _fix_interpreter_scalar_index()
-            k = self._jit[mode] = triton.jit(self.fn)
+            k = self._jit[mode] = triton.jit(self.fn, do_not_specialize=self.do_not_specialize)
         return k[grid]
 
 
-_absorb_partial = _Kernel(_absorb_partial_kernel)
-_gqa_partial = _Kernel(_gqa_partial_kernel)
-_combine = _Kernel(_combine_kernel)
+# sizes that vary per call stay runtime values (no recompilation per head count, s_q, length,
+# number of splits); widths, tiles and layout flags are compile-time constants
+_RUNTIME = ("cap", "nsplit", "H", "S", "M", "MBLOCKS")
+_absorb_partial = _Kernel(_absorb_partial_kernel, _RUNTIME[:4])
+_gqa_partial = _Kernel(_gqa_partial_kernel, _RUNTIME)
+_combine = _Kernel(_combine_kernel, ("nsplit", "H"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -415,7 +418,7 @@ def default_config(path: str, rows: int, dtype: torch.dtype) -> DecodeKernelConf
         return DecodeKernelConfig(block_m=bm, block_n=bn, num_warps=4 if bm == 16 else 8,
                                   num_stages=1 if wide else 2, num_splits=None, min_chunk=128,
                                   waves=1.0)
-    return DecodeKernelConfig(block_m=bm, block_n=64 if not wide else 32, num_warps=4,
+    return DecodeKernelConfig(block_m=bm, block_n=64 if not wide else 32, num_warps=8 if wide else 4,
                               num_stages=2 if wide else 3, num_splits=None, min_chunk=64, waves=2.0)
 
 
@@ -619,8 +622,8 @@ def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
     grid = (rows, triton.cdiv(DV, block_dv), B)
     _combine[grid](opart, lse, out,
                    opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0), lse.stride(1),
-                   out.stride(0), out.stride(1), out.stride(2), nsplit,
-                   H=H, DV=DV, SPLIT_PAD=split_pad, SPLIT_BLOCK=min(16, split_pad), BLOCK_DV=block_dv,
+                   out.stride(0), out.stride(1), out.stride(2), nsplit, H,
+                   DV=DV, SPLIT_PAD=split_pad, SPLIT_BLOCK=min(16, split_pad), BLOCK_DV=block_dv,
                    num_warps=4, num_stages=1)
 
 
@@ -741,8 +744,8 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
             c.stride(0), c.stride(1), k_rope.stride(0), k_rope.stride(1), sbt,
             opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            qk_scale, cap, nsplit,
-            H=H, S=S, R=R, DR=DR, PAGE=max(page, 1),
+            qk_scale, cap, nsplit, H, S,
+            R=R, DR=DR, PAGE=max(page, 1),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, R_PAD=max(16, _pow2(R)), DR_PAD=max(16, _pow2(DR)),
             PAGED=block_table is not None, DIRECT=direct, DOT_PREC=prec, DOT_DTYPE=_dot_dtype(q_abs.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -818,8 +821,8 @@ def gqa_decode(q_nope: Tensor, q_rope: Tensor, k_nope: Tensor, v: Tensor, k_rope
             k_rope.stride(0), k_rope.stride(1), sbt,
             opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            qk_scale, cap, nsplit,
-            H=H, S=S, M=M, MBLOCKS=mblocks, DN=DN, DR=DR, DV=DV, PAGE=max(page, 1),
+            qk_scale, cap, nsplit, H, S, M, mblocks,
+            DN=DN, DR=DR, DV=DV, PAGE=max(page, 1),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             DN_PAD=max(16, _pow2(DN)), DR_PAD=max(16, _pow2(DR)), DV_PAD=max(16, _pow2(DV)),
             PAGED=block_table is not None, DIRECT=direct, DOT_PREC=prec, DOT_DTYPE=_dot_dtype(q_nope.dtype),
