@@ -475,6 +475,48 @@ class GQLAEngine:
         n_gen = sum(len(results[i].tokens) - 1 for i in valid)
         self.stats = {"speculative": False, "decode_steps": steps, "tokens_per_step": 1.0 if n_gen else 0.0}
 
+    # ---- benchmarking only --------------------------------------------------------------
+    @torch.no_grad()
+    def fill_random_context(self, batch: int, context: int, seed: int = 0) -> dict:
+        """FOR BENCHMARKS ONLY: state as if ``batch`` requests had prefilled ``context`` tokens,
+        with the caches (main and MTP) filled with random values instead of real K/V, so a few
+        decode steps at a long context can be timed without prefilling it. The tokens produced
+        from this state are meaningless; step times are what they would be. Returns the state
+        that ``bench_step`` advances."""
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch must be in [1, max_batch={self.max_batch}], got {batch}")
+        if not 1 <= context <= self.max_seq_len - 8:
+            raise ValueError(f"context must be in [1, max_seq_len - 8 = {self.max_seq_len - 8}], got {context}")
+        rows = batch_bucket(batch, self.max_batch) if self._graphs is not None else batch
+        self._ensure_caches(rows)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        for cache in self.caches + self.mtp_caches:
+            for t in cache.values():
+                for b in range(rows):  # one row at a time bounds the temporary memory
+                    t[b, :context].normal_(generator=g)
+        if not self.speculative:
+            return {"tokens": torch.randint(0, self.vocab_size, (rows,), device=self.device, generator=g),
+                    "lengths": torch.full((rows,), context, dtype=torch.long, device=self.device)}
+        st = self._spec_state(rows)
+        st["tok"][:, :context + self.k + 1] = torch.randint(0, self.vocab_size, (rows, context + self.k + 1),
+                                                            device=self.device, generator=g)
+        for h in st["hist"]:
+            h.normal_(generator=g)
+        st["n"].fill_(context + 1)
+        st["frozen"][:batch] = False
+        return st
+
+    @torch.no_grad()
+    def bench_step(self, state: dict) -> Tensor:
+        """FOR BENCHMARKS ONLY: one decode step from ``fill_random_context``'s state; returns the
+        tokens emitted per row (1 each, or accepted + 1 with speculation) as a device tensor."""
+        if not self.speculative:
+            lg = self._decode_step(state["tokens"], state["lengths"])
+            state["tokens"], state["lengths"] = lg.argmax(-1), state["lengths"] + 1
+            return torch.ones_like(state["lengths"])
+        _, a, _ = self._spec_step(state)
+        return a + 1
+
     # ---- speculative decoding -----------------------------------------------------------
     def _spec_state(self, rows: int) -> dict:
         """Speculative bookkeeping for ``rows`` sequences: tok (rows, capacity) every accepted

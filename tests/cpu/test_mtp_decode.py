@@ -220,3 +220,15 @@ def test_speculative_on_the_static_buffer_graph_path():
     got = eng.generate(PROMPTS[:3], params)  # 3 requests in a bucket of 4 (one frozen padding row)
     assert eng._cache_rows == 4 and [r.tokens for r in got] == [r.tokens for r in base]
     assert {k[0] for k in eng._graphs.entries} == {"main", ("mtp", 1), ("mtp", 2)}
+
+
+def test_benchmark_state_helpers_run_both_modes():
+    mw = spec_model(1, seed=6)
+    for spec in (False, True):
+        eng = GQLAEngine(mw, CFG, decode_path="gqa", max_batch=4, max_seq_len=64, device_spec=H100, speculative=spec)
+        st = eng.fill_random_context(3, 40)
+        assert float(eng.caches[0]["v"][:, :40].abs().sum()) > 0 and float(eng.caches[0]["v"][:, 40:].abs().sum()) == 0
+        emitted = [eng.bench_step(st) for _ in range(3)]
+        assert all(e.shape == (3,) and bool((e >= 1).all()) for e in emitted)
+    with pytest.raises(ValueError, match="context must be"):
+        eng.fill_random_context(1, 63)
