@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--png-x", choices=("context", "s_q"), default="context",
                    help="x axis of the --png plot (default context)")
     r.set_defaults(handler=_cmd_roofline, subparser=r)
+    from gqla_megatron.bench_decode import add_parser as add_decode_parser
+    add_decode_parser(sub)
     return p
 
 

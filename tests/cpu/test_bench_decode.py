@@ -1,0 +1,67 @@
+"""CPU smoke test of `gqla-bench decode` (gqla_megatron.bench_decode): a tiny grid on CPU with the
+torch peers only (the Triton kernels report why they cannot run here), checking the JSON fields,
+the markdown table and the PNG, and the flag validation."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from gqla_megatron import bench_decode
+from gqla_megatron.cli import bench as cli_bench
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "out"
+    argv = ["decode", "--device", "cpu", "--batch", "1,2", "--context", "48", "--s-q", "1,2",
+            "--peers", "bmm,sdpa_flash", "--warmup", "0", "--iters", "1", "--copy-mib", "4",
+            "--gemm-n", "64", "--out", str(out), *extra]
+    assert cli_bench.main(argv) == 0
+    return out
+
+
+def test_decode_bench_cpu_grid_writes_json_markdown_png(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = _run(tmp_path)
+    res = json.loads((out / "decode_bench.json").read_text())
+    for key in ("device", "rates", "rows", "summary", "shapes", "dtype", "iters", "warmup"):
+        assert key in res
+    assert res["rates"]["copy_tbps"] > 0 and res["rates"]["gemm_tflops"] > 0
+    cells = {(r["path"], r["B"], r["L"], r["s_q"]) for r in res["rows"]}
+    assert cells == {(p, B, 48, S) for p in ("absorb", "gqa") for B in (1, 2) for S in (1, 2)}
+    for r in res["rows"]:
+        assert r["status"] in ("ok", "n/a", "skipped")
+        if r["method"] == "triton":
+            assert r["status"] == "n/a" and "TRITON_INTERPRET" in r["reason"]
+        if r["method"] == "bmm":
+            assert r["status"] == "ok"
+        if r["status"] == "ok":
+            for k in ("time_us", "bytes", "tbps", "tflops", "pct_copy", "pct_gemm"):
+                assert r[k] > 0, (k, r)
+        else:
+            assert r["reason"]
+    for s in res["summary"]:
+        assert s["best_peer"] in ("bmm", "sdpa_flash")
+    md = (out / "decode_bench.md").read_text()
+    assert "## absorb" in md and "## gqa" in md and "Methods that did not run" in md
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "decode_bench.png").stat().st_size > 0
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+def test_decode_bench_bytes_and_flops_formulas():
+    shp = bench_decode.Shapes(**bench_decode.SHAPES["llama3-8b"])
+    # LLaMA-3-8B GQLA: absorb caches r + d_r = 576 values per token, gqa g(d_n + d_v) + d_r = 2112
+    assert bench_decode.cache_bytes("absorb", shp, 2, 10, 2) == 2 * 10 * 576 * 2
+    assert bench_decode.cache_bytes("gqa", shp, 2, 10, 2) == 2 * 10 * 2112 * 2
+    assert bench_decode.cache_bytes("gqa", shp, 1, 1, 2, rope_per_group=True) == 8 * 320 * 2
+    assert bench_decode.flops("absorb", shp, 1, 100, 1) == 2 * 32 * 100 * (512 + 64 + 512)
+    assert bench_decode.flops("gqa", shp, 1, 100, 2) == 2 * 2 * 32 * 100 * (128 + 64 + 128)
+
+
+@pytest.mark.parametrize("bad", [["--batch", "0"], ["--path", "mla"], ["--peers", "flashmla"],
+                                 ["--context", "1x"], ["--s-q", "64"]])
+def test_decode_bench_rejects_bad_flags(tmp_path, bad):
+    with pytest.raises(SystemExit):
+        _run(tmp_path, *bad)
