@@ -216,7 +216,7 @@ def _open_source(a):
         w, cfg, contents = gi.load_gguf_model(path)
         src = mio.MemorySource(w, cfg, description=f"GGUF {path}")
         info = {"kind": "gguf", "path": os.path.abspath(path)}
-        if tok_path is None:
+        if tok_path is None and "tokenizer.ggml.model" in contents.metadata:
             tok = gi.build_tokenizer(contents.metadata)
     else:
         from gqla_megatron.conversion import hf
@@ -304,7 +304,7 @@ def cmd_import_gguf(a) -> int:
     _check_new_output(a.save)
     path = _gguf_path(a.gguf)
     w, cfg, contents = gi.load_gguf_model(path)
-    tok = gi.build_tokenizer(contents.metadata)
+    tok = gi.build_tokenizer(contents.metadata) if "tokenizer.ggml.model" in contents.metadata else None
     _import_common(w, cfg, a.save, a.dtype, tok=tok, info={"kind": "gguf", "path": os.path.abspath(path)})
     return 0
 

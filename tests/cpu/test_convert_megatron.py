@@ -307,17 +307,21 @@ def test_lossy_conversion_reports_retained_energy(ckpts, tmp_path):
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def calib_prefix(tmp_path_factory):
+def make_calib(prefix, vocab):
+    """Megatron indexed dataset of random tokens (no tokenizer needed)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    prefix = str(tmp_path_factory.mktemp("data") / "rand_text_document")
     b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
     gen = np.random.default_rng(0)
     for _ in range(8):
-        b.add_document(torch.from_numpy(gen.integers(0, V, 40).astype(np.int32)), [40])
+        b.add_document(torch.from_numpy(gen.integers(0, vocab, 40).astype(np.int32)), [40])
     b.finalize(prefix + ".idx")
     return prefix
+
+
+@pytest.fixture(scope="module")
+def calib_prefix(tmp_path_factory):
+    return make_calib(str(tmp_path_factory.mktemp("data") / "rand_text_document"), V)
 
 
 def run_cli(argv, capsys):
@@ -425,3 +429,35 @@ def test_bad_inputs_exit_2_write_nothing_and_leave_the_source(ckpts, calib_prefi
     rc, err = run_cli(["gqa-to-gqla", *good, "--load", src, "--save", str(tmp_path / "exists")], capsys)
     assert rc == 2 and "exists" in err and os.listdir(tmp_path / "exists") == []
     assert {p: tree_hash(p) for p in hashes} == hashes
+
+
+def test_import_gguf_then_convert_then_export_hf(tmp_path, capsys):
+    """import-gguf writes a GQA checkpoint whose weights are the GGUF's (exactly); the
+    converted checkpoint exports to HF (gqla layout) and reads back with the same logits."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("safetensors")
+    from test_gguf_import import TINY, tiny_hf_tensors, write_tiny_gguf
+
+    from gqla_megatron.conversion import hf
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_hf_tensors(tied=False))
+    rc, err = run_cli(["import-gguf", "--gguf", str(path), "--save", str(tmp_path / "gqa")], capsys)
+    assert rc == 0, err
+    w_gguf, cfg_gguf, _ = gi.load_gguf_model(str(path))
+    src = mio.open_gqa_source(str(tmp_path / "gqa"))
+    assert src.cfg == cfg_gguf
+    assert_same_weights(src.read_all(), w_gguf)
+    d = TINY["D"] // TINY["H"]
+    calib_prefix = make_calib(str(tmp_path / "calib_text_document"), TINY["V"])
+    rc, err = run_cli(["gqa-to-gqla", "--gguf", str(path), "--save", str(tmp_path / "gqla"), "--kv-lora-rank", "12",
+                       "--qk-pos-emb-head-dim", str(d), "--freqfold", "1", "--calib-data", calib_prefix,
+                       "--calib-samples", "2", "--calib-seq-length", "16", "--no-progress"], capsys)
+    assert rc == 0, err
+    rc, err = run_cli(["export-hf", "--load", str(tmp_path / "gqla"), "--save", str(tmp_path / "hf")], capsys)
+    assert rc == 0, err
+    mw, gcfg, _ = mio.read_gqla_checkpoint(str(tmp_path / "gqla"))
+    mw2, gcfg2, _ = hf.load_hf_gqla(str(tmp_path / "hf"))
+    tok = torch.randint(0, TINY["V"], (2, 10), generator=torch.Generator().manual_seed(1))
+    assert_close_report("export-hf round trip", rm.forward(tok, mw2.to(torch.float32), gcfg2),
+                        rm.forward(tok, mw, gcfg), rel_l2=FP32_PARITY)
