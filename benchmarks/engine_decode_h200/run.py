@@ -238,7 +238,7 @@ def write(out, folder):
     lines = [f"# GQLA engine decode on {out['device']}", "",
              f"Model: gqla_1b shapes, {out['model']['params'] / 1e9:.2f} B params, random bf16 weights, 1 MTP layer. "
              f"Measured probe: {out['probe']['bf16_tflops']:.0f} TFLOP/s, {out['probe']['hbm_tbps']:.2f} TB/s.", "",
-             "KV bytes per token (all 24 layers, bf16): " + ", ".join(
+             f"KV bytes per token (all {out['model']['layers']} layers, bf16): " + ", ".join(
                  f"{k} {v:,} ({out['kv_ratio_vs_gqa_model'][k]:.3f} of the GQA model)" for k, v in kv.items()), "",
              "Predicted = roofline attention time x layers + weight read time (H200 table spec). "
              "Speculative rows: random weights, so acceptance is near chance (see `acc`).", "",
