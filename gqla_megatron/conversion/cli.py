@@ -256,17 +256,17 @@ def cmd_gqa_to_gqla(a) -> int:
     copy = {"tokenizer.json": tok_path} if tok_path else None
     settings = {"calib": a.calib_data or "pydocs:calibration", "seed": a.seed,
                 "eval": "pydocs:heldout" if a.eval_pydocs else None}
-    logger = None
-    if a.wandb_project:
-        def logger(rep):
-            import wandb
+    def wandb_logger(rep):
+        import wandb
 
-            run = wandb.init(project=a.wandb_project, job_type="convert", config=rep["settings"])
-            for l in rep["layers"]:
-                run.log({"layer": l["layer"], "rope_energy": l["rope_energy"], "kv_energy": l["kv_energy"]})
-            run.summary.update({f"ppl_{k}": v for k, v in (rep["perplexity"] or {}).items()})
-            run.summary.update({"time_total_s": rep["time_s"]["total"], "peak_rss_mib": rep["peak_rss_mib"]})
-            run.finish()
+        run = wandb.init(project=a.wandb_project, job_type="convert", config=rep["settings"])
+        for l in rep["layers"]:
+            run.log({"layer": l["layer"], "rope_energy": l["rope_energy"], "kv_energy": l["kv_energy"]})
+        run.summary.update({f"ppl_{k}": v for k, v in (rep["perplexity"] or {}).items()})
+        run.summary.update({"time_total_s": rep["time_s"]["total"], "peak_rss_mib": rep["peak_rss_mib"]})
+        run.finish()
+
+    logger = wandb_logger if a.wandb_project else None
     with torch.no_grad():
         rep = mio.convert_checkpoint(src, opts, a.save, calib_tokens=calib, eval_tokens=ev,
                                      seq_length=a.seq_length, source_info=info, settings=settings,

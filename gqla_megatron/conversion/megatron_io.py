@@ -73,8 +73,9 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -1119,7 +1120,7 @@ def convert_checkpoint(source: GQASource, opts: ConvertOptions, out_dir: str, *,
                 xx += x.T @ x
                 count += x.shape[0]
             if l < cfg.num_layers - 1:
-                h_cal = _chunked(lambda h: _source_block(h, lw, cfg), h_cal, opts.batch)
+                h_cal = _chunked(partial(_source_block, lw=lw, cfg=cfg), h_cal, opts.batch)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times["calibrate"] += time.perf_counter() - t0
@@ -1137,11 +1138,11 @@ def convert_checkpoint(source: GQASource, opts: ConvertOptions, out_dir: str, *,
                                      mlp_norm=lw.mlp_norm, W_fc1=lw.W_fc1, W_fc2=lw.W_fc2)
             if h_src is not None:
                 t0 = time.perf_counter()
-                h_src = _chunked(lambda h: _source_block(h, lw, cfg), h_src, opts.batch)
+                h_src = _chunked(partial(_source_block, lw=lw, cfg=cfg), h_src, opts.batch)
 
-                def dst_block(h):
-                    h = h + ref.attention_expanded(ref.rms_norm(h, new_lw.input_norm, cfg.eps), new_lw.attn, gcfg)
-                    return h + rm.mlp(h, new_lw, cfg.eps)
+                def dst_block(h, nl=new_lw):
+                    h = h + ref.attention_expanded(ref.rms_norm(h, nl.input_norm, cfg.eps), nl.attn, gcfg)
+                    return h + rm.mlp(h, nl, cfg.eps)
 
                 h_dst = _chunked(dst_block, h_dst, opts.batch)
                 times["evaluate"] += time.perf_counter() - t0
