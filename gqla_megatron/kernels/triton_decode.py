@@ -413,11 +413,15 @@ def default_config(path: str, rows: int, dtype: torch.dtype) -> DecodeKernelConf
     bm = min(64, max(16, _pow2(rows)))
     wide = dtype == torch.float32          # fp32 tiles take twice the shared memory
     if path == "absorb":
-        # 512-wide latent tile + fp32 accumulator (rows x 512): 8 warps for >= 32 rows
-        bn = 64 if (bm <= 32 and not wide) else 32
+        # 512-wide latent tile + fp32 accumulator (rows x 512): 8 warps for >= 32 rows. fp32
+        # (IEEE dots run on FMA units, a correctness path): 32 x 16 tiles, else ptxas spills
+        if wide:
+            bm = min(bm, 32)
+            return DecodeKernelConfig(block_m=bm, block_n=16, num_warps=4 if bm == 16 else 8,
+                                      num_stages=1, num_splits=None, min_chunk=128, waves=1.0)
+        bn = 64 if bm <= 32 else 32
         return DecodeKernelConfig(block_m=bm, block_n=bn, num_warps=4 if bm == 16 else 8,
-                                  num_stages=1 if wide else 2, num_splits=None, min_chunk=128,
-                                  waves=1.0)
+                                  num_stages=2, num_splits=None, min_chunk=128, waves=1.0)
     return DecodeKernelConfig(block_m=bm, block_n=64 if not wide else 32, num_warps=8 if wide else 4,
                               num_stages=2 if wide else 3, num_splits=None, min_chunk=64, waves=2.0)
 

@@ -9,13 +9,16 @@ other tests. (Our own kernels are jitted lazily per mode, so only Triton's helpe
 
 In-process (no kernel runs): the split heuristic, config overrides, input validation, and
 backend selection/fallback with the reasons listed, with TRITON_INTERPRET set or removed per
-test by monkeypatch (``supported`` reads it at call time).
+test by monkeypatch (``supported`` reads it at call time); and the default launch configs of
+the real shapes compiled for sm_90a with Triton's compiler and ptxas (no GPU needed): shared
+memory within the 227 KiB limit and no register spills.
 """
 
 import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,74 @@ def test_rejection_reasons(interpret, monkeypatch):
     assert "triton not importable" in choice.rejected["triton_gqa"][0]
 
 
+
+
+# ---- the default launch configs compile for the H200 (sm_90a) without a GPU --------------
+SM90_SMEM = 232448   # max dynamic shared memory per block on sm_90 (227 KiB)
+
+
+def _compile_sm90(fn, pointers, runtime_i32, constexprs, num_warps, num_stages):
+    """triton.compile for cuda:90 (no driver needed; ptxas ships with triton); returns
+    (shared bytes, ptxas -v report). Pointers and strides get the divisibility-by-16 hint that
+    the JIT gives real tensors."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jf = triton.jit(fn)
+    sig, attrs = {}, {}
+    for i, name in enumerate(jf.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name], attrs[(i,)] = pointers[name], [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name not in runtime_i32:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(jf, sig, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptx = Path(tempfile.mkdtemp()) / "k.ptx"
+    ptx.write_text(k.asm["ptx"])
+    r = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(ptx), "-o", os.devnull],
+                       capture_output=True, text=True)
+    return k.metadata.shared, r.stderr
+
+
+SM90_CASES = [  # (path, query rows per tile source, dtype, paged)
+    ("absorb", 32, torch.bfloat16, False), ("absorb", 32, torch.bfloat16, True),
+    ("absorb", 64, torch.bfloat16, False), ("absorb", 128, torch.bfloat16, False),
+    ("absorb", 32, torch.float32, False), ("absorb", 64, torch.float32, False),
+    ("gqa", 4, torch.bfloat16, False), ("gqa", 4, torch.bfloat16, True),
+    ("gqa", 16, torch.bfloat16, False), ("gqa", 4, torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("path,rows,dtype,paged", SM90_CASES)
+def test_default_configs_compile_for_sm90_without_spills(path, rows, dtype, paged, no_interpret):
+    """The default tiles of the LLaMA-3-8B / 128-head shapes fit sm_90's shared memory and
+    registers (no spills), checked with Triton's own compiler and ptxas, no GPU needed."""
+    cfg, _ = td.resolve_config(path, rows, dtype)
+    p = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    common = dict(PAGE=64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGED=paged, DIRECT=False,
+                  DOT_PREC="ieee" if dtype == torch.float32 else None, DOT_DTYPE=td._TL_DTYPES[dtype])
+    if path == "absorb":
+        ptrs = dict(Q=p, QR=p, C=p, KR=p, BT="*i32", LENS="*i64", OPART="*fp32", LSE="*fp32", OUT=p)
+        consts = dict(R=512, DR=64, R_PAD=512, DR_PAD=64, **common)
+        fn = td._absorb_partial_kernel
+    else:
+        ptrs = dict(QN=p, QR=p, KN=p, V=p, KR=p, BT="*i32", LENS="*i64", OPART="*fp32", LSE="*fp32", OUT=p)
+        consts = dict(DN=128, DR=64, DV=128, DN_PAD=128, DR_PAD=64, DV_PAD=128, **common)
+        fn = td._gqa_partial_kernel
+    shared, report = _compile_sm90(fn, ptrs, ("sbt_b",) + td._RUNTIME, consts, cfg.num_warps, cfg.num_stages)
+    assert shared <= SM90_SMEM, f"{cfg}: {shared} B shared memory > {SM90_SMEM}"
+    assert "0 bytes spill stores" in report, f"{cfg}: {report}"
+
+
+def test_combine_kernel_compiles_for_sm90(no_interpret):
+    shared, report = _compile_sm90(td._combine_kernel, dict(OPART="*fp32", LSE="*fp32", OUT="*bf16"),
+                                   ("nsplit", "H"), dict(DV=512, SPLIT_PAD=64, SPLIT_BLOCK=16, BLOCK_DV=128), 4, 1)
+    assert shared <= SM90_SMEM and "0 bytes spill stores" in report, report
