@@ -157,9 +157,11 @@ def test_row_blocks_and_default_heuristic():
     _, q, qr, c, kr, lengths, scale, want = _absorb_case(4, torch.float32, seed=3, B=1, H=10, T=160)
     plan = td.plan_decode("absorb", batch=1, s_q=4, heads=10, groups=1, max_len=160,
                           dtype=torch.float32, device=CPU)
-    assert plan.num_splits > 1 and plan.row_blocks == 1
+    assert plan.num_splits > 1 and plan.row_blocks == -(-40 // plan.config.block_m)
     got = td.absorb_decode(q, qr, c, kr, lengths, scale)
     assert_close_report("absorb default", got, want, **TOL[torch.float32])
+    got = td.absorb_decode(q, qr, c, kr, lengths, scale, config=td.DecodeKernelConfig(block_m=64))
+    assert_close_report("absorb 1 row block", got, want, **TOL[torch.float32])
     got = td.absorb_decode(q, qr, c, kr, lengths, scale, config=td.DecodeKernelConfig(block_m=16))
     assert_close_report("absorb 3 row blocks", got, want, **TOL[torch.float32])
     _, qn, qr, kn, v, kr, lengths, scale, want = _gqa_case(4, torch.float32, seed=4, B=1, H=12, G=2, T=100)
