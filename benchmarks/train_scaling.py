@@ -4,8 +4,8 @@ parallel) and data parallelism (weak scaling), GQLA and the same-shape GQA, bf16
     source .devkit/setup.sh && python3 benchmarks/train_scaling.py --gpus 4 --out $OUT
 
 Every layout runs ``torchrun --standalone --nproc_per_node N pretrain/pretrain_gqla.py`` on the
-``gqla_1b`` recipe with mock data, micro-batch 2, one micro-batch per data-parallel rank per
-iteration (global batch = 2 x DP); median of iterations 4..N of the logged "tokens per s"
+``gqla_1b`` recipe with mock data, micro-batch 2 (--micro-batch-size), one micro-batch per data-parallel rank
+per iteration (global batch = micro-batch x DP); median of iterations 4..N of the logged "tokens per s"
 (global tokens / step time). Efficiency = tokens/s per GPU relative to the 1-GPU run of the same
 attention. Output: train_scaling.json and train_scaling.md under --out.
 """
@@ -31,15 +31,15 @@ def layouts(gpus):
     return out  # (TP, DP)
 
 
-def run(attention, tp, dp, iters, out_dir, recipe, sp=True, tag=""):
+def run(attention, tp, dp, iters, out_dir, recipe, sp=True, tag="", mbs=2):
     n = tp * dp
     metrics = os.path.join(out_dir, f"m_{attention}_tp{tp}_dp{dp}{tag}.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), os.path.join(ROOT, "pretrain", "pretrain_gqla.py"),
            "--recipe", recipe, "--attention", attention, "--mock-data", "--train-iters", str(iters),
-           "--tensor-model-parallel-size", str(tp), "--micro-batch-size", "2",
-           "--global-batch-size", str(2 * dp), "--lr-warmup-iters", "2", "--log-interval", "1",
+           "--tensor-model-parallel-size", str(tp), "--micro-batch-size", str(mbs),
+           "--global-batch-size", str(mbs * dp), "--lr-warmup-iters", "2", "--log-interval", "1",
            "--metrics-file", metrics]
     if tp > 1 and sp:
         cmd.append("--sequence-parallel")
@@ -67,6 +67,7 @@ def main():
     p.add_argument("--attention", nargs="+", default=["gqla", "gqa"])
     p.add_argument("--layouts", nargs="+", help="only these TPxDP layouts, e.g. 2x1 4x1")
     p.add_argument("--no-sequence-parallel", action="store_true")
+    p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--out", default=".")
     a = p.parse_args()
@@ -78,13 +79,13 @@ def main():
         if a.layouts:
             todo = [tuple(int(x) for x in l.split("x")) for l in a.layouts]
         for tp, dp in todo:
-            row = run(att, tp, dp, a.iters, a.out, a.recipe, sp=not a.no_sequence_parallel, tag=a.tag)
+            row = run(att, tp, dp, a.iters, a.out, a.recipe, sp=not a.no_sequence_parallel, tag=a.tag, mbs=a.micro_batch_size)
             print(json.dumps(row), flush=True)
             rows.append(row)
     with open(os.path.join(a.out, f"train_scaling{a.tag}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     one = {r["attention"]: r for r in rows if r["gpus"] == 1 and "tokens_per_s" in r}
-    lines = [f"recipe {a.recipe}, bf16, TE spec, micro-batch 2, global batch 2 x DP, median of iterations 4..{a.iters}",
+    lines = [f"recipe {a.recipe}, bf16, TE spec, micro-batch {a.micro_batch_size}, global batch {a.micro_batch_size} x DP, median of iterations 4..{a.iters}",
              "", "| attention | TP | DP | GPUs | tokens/s | per GPU | efficiency vs 1 GPU | step s | TFLOP/s/GPU | mem GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

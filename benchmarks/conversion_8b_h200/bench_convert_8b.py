@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                "--freqfold", str(s["freqfold"]), "--calib-data", prefix, "--calib-samples", str(a.calib_samples),
                "--calib-seq-length", str(a.calib_seq_length), "--device", a.device, "--dtype", "bf16",
                "--target-tensor-model-parallel-size", "8" if a.shape == "8b" else "1", "--no-progress"]
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0
