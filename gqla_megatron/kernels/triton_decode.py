@@ -7,9 +7,10 @@ its K/V already in the cache, seeing cache slots t <= lengths[b] + s):
 
 * ``absorb_decode`` -- MQA-absorb path. One latent KV head: K = [c ; k_rope] (width r + d_r),
   V = c (width r). The query is already W_UK-folded (q_abs, width r); the caller applies W_UV
-  to the latent output. All H query heads x S tokens of a sequence are rows of ONE tile
-  (row m = s * H + h), so each KV tile is read once per sequence per split; the latent tile c
-  is loaded once and used twice (as K^T for the scores and as V for the output).
+  to the latent output. All H query heads x S tokens of a sequence are rows of one tile
+  (row m = s * H + h; beyond block_m rows, several row blocks each read the KV), so each KV
+  tile is read once per sequence per split; the latent tile c is loaded once and used twice
+  (as K^T for the scores and as V for the output).
 * ``gqa_decode`` -- GQA path. Per group g: K = [k_nope[g] ; k_rope] (d_n + d_r), V = v[g] (d_v).
   The group's M = H / G heads x S tokens are the rows of one tile; the RoPE key (stored once
   per token for all groups) is read once per token by each group's program.
@@ -25,7 +26,7 @@ Cache layouts (last dim contiguous; other strides free):
   contiguous  absorb: c (B, T, r), k_rope (B, T, d_r)
               gqa:    k_nope (B, T, G, d_n), v (B, T, G, d_v), k_rope (B, T, d_r)
   paged       the same with (num_blocks, block_size) in place of (B, T) -- a pool of pages -- and
-              ``block_table`` (B, max_blocks) int32: cache slot t of sequence b lives in page
+              ``block_table`` (B, max_blocks) int32 (or int64): cache slot t of sequence b lives in page
               block_table[b, t // block_size] at row t % block_size.
 Keys beyond the capacity (T, or max_blocks * block_size) are never read, whatever ``lengths``
 says (``validate=True`` checks lengths and used page ids up front, at the cost of one host sync).
@@ -45,9 +46,11 @@ defaults in ``default_config``. If a default configuration runs out of shared me
 registers at compile time, the wrapper retries with fewer stages / smaller tiles (warning once)
 and remembers the working one; an explicitly set configuration fails instead.
 
-CPU: the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set in the environment
-at the time of the CALL (kernels are jitted lazily, once per mode, so the variable may be set
-after triton was imported). This is for tests only (slow).
+CPU: the kernels run in Triton's interpreter (tests only; slow) when TRITON_INTERPRET=1 is set
+before triton is first imported in the process: Triton jits its own helpers (tl.cdiv, tl.max,
+...) at import in the mode the variable selects then. Our kernels are jitted lazily, once per
+mode, at their first call. Two interpreter bugs of Triton 3.6 are worked around: scalar
+``__index__`` under numpy >= 2.4 (triton-lang/triton#9171) and bf16 dots (tiles go to fp32).
 """
 
 from __future__ import annotations
