@@ -84,7 +84,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
