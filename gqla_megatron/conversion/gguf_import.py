@@ -432,8 +432,8 @@ def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def rope_half_split(x_BSHd: Tensor, positions_S: Tensor, base: float) -> Tensor:
     """HF/Megatron RoPE: coords (k, k + d/2) rotate by angle p * base^(-2k/d)."""
     d = x_BSHd.shape[-1]
-    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = positions_S.to(torch.float64)[:, None] * inv                    # (S, d/2)
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x_BSHd.device) / d)
+    ang = positions_S.to(device=x_BSHd.device, dtype=torch.float64)[:, None] * inv  # (S, d/2)
     cos = ang.cos().to(x_BSHd.dtype)[None, :, None, :]
     sin = ang.sin().to(x_BSHd.dtype)[None, :, None, :]
     x1, x2 = x_BSHd[..., : d // 2], x_BSHd[..., d // 2:]
@@ -444,8 +444,8 @@ def gqa_attention(x_BSD: Tensor, lw: GQALayerWeights, cfg: GQAModelConfig) -> Te
     """Causal GQA self-attention of one layer (half-split RoPE at positions 0..S-1); (B, S, D)."""
     B, S, _ = x_BSD.shape
     H, g, d, m = cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, cfg.heads_per_group
-    pos = torch.arange(S)
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    pos = torch.arange(S, device=x_BSD.device)
+    causal = torch.ones(S, S, dtype=torch.bool, device=x_BSD.device).tril()
     q = rope_half_split((x_BSD @ lw.W_Q.T).view(B, S, H, d), pos, cfg.rope_base)
     k = rope_half_split((x_BSD @ lw.W_K.T).view(B, S, g, d), pos, cfg.rope_base)
     v = (x_BSD @ lw.W_V.T).view(B, S, g, d)
