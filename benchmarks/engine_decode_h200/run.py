@@ -134,12 +134,21 @@ def predicted(cfg, spec, path, batch, context, s_q, layers, weight_bytes):
             "tokens_per_s": batch * s_q / step}
 
 
+MODES = {"plain_eager": ("plain", False, False), "plain_graphs": ("plain", False, True),
+         "mtp_graphs": ("mtp_spec", True, True), "mtp_eager": ("mtp_spec", True, False)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (results.json, results.md)")
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting cells after this many seconds")
     p.add_argument("--max-cell-s", type=float, default=1.5, help="timed seconds per cell (at most)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the script only")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                   help="which step kinds to time (default: all)")
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch"],
+                   help="decode backends: auto (the registry's first choice: Triton on CUDA) and/or the stock "
+                        "torch backends, timed side by side")
     args = p.parse_args(argv)
     global BATCHES, CONTEXTS
     if args.cpu_smoke:
@@ -164,12 +173,13 @@ def main(argv=None):
            "h200_table": {"bf16_tflops": table.bf16_tflops, "hbm_tbps": table.hbm_tbps}, "cells": []}
     print(f"{out['device']}: {n_params / 1e9:.2f} B params; KV bytes/token {kv}; probe {probe.bf16_tflops:.0f} TFLOP/s "
           f"{probe.hbm_tbps:.2f} TB/s", flush=True)
-    modes = [("plain", False, False), ("plain", False, True), ("mtp_spec", True, True), ("mtp_spec", True, False)]
-    order = [(m, b, c) for m in modes for c in CONTEXTS for b in BATCHES]
-    for (mode, spec_on, graphs), batch, context in order:
+    modes = [MODES[m] for m in args.modes]
+    order = [(m, b, c, be) for m in modes for c in CONTEXTS for b in BATCHES for be in args.backends]
+    for (mode, spec_on, graphs), batch, context, backend_family in order:
         s_q = 2 if spec_on else 1
         for path in ("absorb", "gqa"):
-            cell = {"mode": mode, "cuda_graphs": graphs, "path": path, "batch": batch, "context": context, "s_q": s_q}
+            cell = {"mode": mode, "cuda_graphs": graphs, "path": path, "batch": batch, "context": context, "s_q": s_q,
+                    "backend_request": backend_family}
             out["cells"].append(cell)
             if time.perf_counter() - t_start > args.budget_s:
                 cell["skipped"] = f"time budget {args.budget_s:.0f} s spent"
@@ -184,7 +194,8 @@ def main(argv=None):
             eng = None
             try:
                 eng = GQLAEngine(mw, cfg, decode_path=path, max_batch=batch, max_seq_len=capacity, device=dev,
-                                 dtype=dtype, device_spec=table, speculative=spec_on, cuda_graphs=graphs)
+                                 dtype=dtype, device_spec=table, speculative=spec_on, cuda_graphs=graphs,
+                                 decode_backend="auto" if backend_family == "auto" else f"torch_{path}")
                 cell["backend"] = eng.backend.name
                 cell.update(time_cell(eng, batch, context, max_s=args.max_cell_s))
                 if spec_on:
@@ -206,11 +217,12 @@ def main(argv=None):
                       flush=True)
     # auto vs measured
     picks = {"h200_table": [0, 0], "probe": [0, 0]}
-    for mode, spec_on, graphs in modes:
+    for (mode, spec_on, graphs), be in [(m, be) for m in modes for be in args.backends]:
         for b in BATCHES:
             for c in CONTEXTS:
                 pair = {x["path"]: x for x in out["cells"] if x["mode"] == mode and x["cuda_graphs"] == graphs
-                        and x["batch"] == b and x["context"] == c and "tokens_per_s" in x}
+                        and x["batch"] == b and x["context"] == c and x["backend_request"] == be
+                        and "tokens_per_s" in x}
                 if len(pair) < 2:
                     continue
                 faster = max(pair, key=lambda k: pair[k]["tokens_per_s"])
