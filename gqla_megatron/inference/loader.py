@@ -55,7 +55,11 @@ def load_megatron_checkpoint(root: str):
     cfg = GQLAConfig(hidden_size=args["hidden_size"], num_attention_heads=args["num_attention_heads"],
                      num_query_groups=args["num_query_groups"], kv_lora_rank=args["kv_lora_rank"],
                      qk_head_dim=args["qk_head_dim"], qk_pos_emb_head_dim=args["qk_pos_emb_head_dim"],
-                     v_head_dim=args["v_head_dim"], q_lora_rank=args["q_lora_rank"])
+                     v_head_dim=args["v_head_dim"], q_lora_rank=args["q_lora_rank"],
+                     # converted checkpoints (gqla-convert) record these; gqla-pretrain's defaults otherwise
+                     rotary_base=float(args.get("rotary_base", 10000.0)),
+                     layernorm_epsilon=float(args.get("layernorm_epsilon", 1e-5)),
+                     qk_layernorm=bool(args.get("qk_layernorm", True)))
     _ensure_process_group()
     raw = dist_checkpointing.load_plain_tensors(path)
     sd = {}
@@ -72,5 +76,6 @@ def load_megatron_checkpoint(root: str):
     if adapters.num_mtp_layers(sd) != mtp:
         raise ValueError(f"{path}: the run args say mtp_num_layers={mtp} but the checkpoint holds "
                          f"{adapters.num_mtp_layers(sd)} MTP layers")
-    mw = adapters.model_to_reference(sd, cfg, args["num_layers"], backend=backend, mtp_num_layers=mtp)
+    mw = adapters.model_to_reference(sd, cfg, args["num_layers"], backend=backend, mtp_num_layers=mtp,
+                                     eps=cfg.layernorm_epsilon)
     return mw, cfg, args

@@ -363,6 +363,16 @@ def test_cli_end_to_end_and_megatron_gqla_loads_it(ckpts, calib_prefix, tmp_path
         with torch.no_grad():
             got = model(tok, torch.arange(tok.shape[1])[None].expand_as(tok), None)
     assert_close_report("megatron gqla (loaded) vs reference", got, expected, rel_l2=FP32_PARITY)
+    # gqla-serve's loader reads the converted checkpoint (no optimizer state, no latent norms)
+    from gqla_megatron.inference.engine import GQLAEngine, SamplingParams
+    from gqla_megatron.inference.loader import load_megatron_checkpoint
+
+    smw, scfg, _ = load_megatron_checkpoint(out)
+    assert scfg.to_dict() == gcfg.to_dict()
+    assert_close_report("serve loader vs reference", rm.forward(tok, smw, scfg), expected, rel_l2=FP32_PARITY)
+    toks = {p: GQLAEngine(smw, scfg, decode_path=p, max_batch=1, max_seq_len=32).generate(
+        [tok[0, :5].tolist()], SamplingParams(max_new_tokens=6))[0].tokens for p in ("absorb", "gqa")}
+    assert toks["absorb"] == toks["gqa"] and len(toks["gqa"]) == 6
 
 
 def _truncate(path, keep=0.5):
