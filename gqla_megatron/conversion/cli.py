@@ -89,7 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layout", choices=("gqla", "deepseek_v3"), default="gqla", help="HF layout")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="written dtype")
 
-    sub.add_parser("mla-to-gqla", help="MLA -> GQLA (hook: not wired into the CLI yet)")
+    m = sub.add_parser("mla-to-gqla", help="MLA (dense DeepSeek-V3-layout HF dir) -> GQLA (HF gqla layout)")
+    m.add_argument("--hf", required=True, help="dense DeepSeek-V2/V3-layout HF directory (per-head kv_b_proj)")
+    m.add_argument("--save", required=True, help="output HF directory in the gqla layout (must not exist)")
+    m.add_argument("--num-query-groups", type=int, required=True, help="g, groups sharing one K/V up-projection")
+    m.add_argument("--grouping", choices=("neighbor", "similarity"), default="neighbor",
+                   help="contiguous heads, or heads clustered by their K/V subspace similarity")
+    m.add_argument("--qk-head-dim", type=int, default=None, help="d_n per group (default: the source's; "
+                   "heads_per_group x it is exact)")
+    m.add_argument("--v-head-dim", type=int, default=None, help="d_v per group (default: the source's)")
+    m.add_argument("--hessian-weighting", action="store_true", help="weight calibration tokens by NLL gradients")
+    mcal = m.add_mutually_exclusive_group(required=True)
+    mcal.add_argument("--calib-data", help="raw text file, or Megatron indexed dataset prefix (PREFIX.bin/.idx)")
+    mcal.add_argument("--calib-pydocs", action="store_true", help="Python docs calibration split (howto/, faq/)")
+    m.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
+    m.add_argument("--calib-seq-length", type=int, default=512, help="tokens per calibration window")
+    m.add_argument("--seed", type=int, default=1234, help="seed of the calibration window choice")
+    m.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one in the HF dir)")
+    m.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="written dtype (auto: float32)")
     return p
 
 
@@ -332,10 +349,34 @@ def cmd_export_hf(a) -> int:
 
 
 def cmd_mla_to_gqla(a) -> int:
-    # HOOK (lead): wire gqla_megatron.conversion.mla_to_gqla.convert_mla_model here (an MLA
-    # Megatron/HF reader is needed to feed it).
-    raise ValueError("mla-to-gqla is not wired into the CLI yet (library: "
-                     "gqla_megatron.conversion.mla_to_gqla.convert_mla_model)")
+    """HF DeepSeek-V3-layout MLA -> GQLA with g groups (per-group PCA, residual absorbed into the
+    query and output projections), written as an HF directory in the gqla layout with
+    conversion_report.json beside the weights."""
+    import json
+
+    from gqla_megatron.conversion import hf
+    from gqla_megatron.conversion import mla_to_gqla as m2g
+
+    _check_new_output(a.save)
+    mw, cfg, tok_path = hf.load_hf_mla(a.hf)
+    if a.num_query_groups < 1 or cfg.num_attention_heads % a.num_query_groups:
+        raise ValueError(f"--num-query-groups {a.num_query_groups} must divide the {cfg.num_attention_heads} heads")
+    tok_path = a.tokenizer or tok_path
+    tokenizer = _load_tokenizer(tok_path) if tok_path else None
+    calib = calibration_tokens(a, tokenizer)
+    if int(calib.max()) >= mw.embedding.shape[0]:
+        raise ValueError(f"calibration token id {int(calib.max())} outside the model's vocabulary "
+                         f"({mw.embedding.shape[0]}): tokenizer and model do not match")
+    gmw, gcfg, rep = m2g.convert_mla_model(mw, cfg, num_query_groups=a.num_query_groups, calib_tokens=calib,
+                                           grouping=a.grouping, qk_head_dim=a.qk_head_dim,
+                                           v_head_dim=a.v_head_dim, hessian_weighting=a.hessian_weighting)
+    dtype = None if a.dtype == "auto" else DTYPES[a.dtype]
+    hf.save_hf_gqla(a.save, gmw, gcfg, layout="gqla", dtype=dtype, tokenizer_path=tok_path)
+    with open(os.path.join(a.save, "conversion_report.json"), "w") as f:  # inside the renamed dir
+        json.dump(rep.to_dict(), f, indent=1)
+    print(rep.summary())
+    print(f"gqla-convert: wrote {a.save} (HF gqla layout, g={a.num_query_groups}, {a.grouping} grouping)")
+    return 0
 
 
 COMMANDS = {"gqa-to-gqla": cmd_gqa_to_gqla, "import-gguf": cmd_import_gguf, "import-hf": cmd_import_hf,

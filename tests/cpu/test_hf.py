@@ -280,3 +280,36 @@ def test_load_hf_mla_rejects_moe(tmp_path):
     _edit_config(out, first_k_dense_replace=1)
     with pytest.raises(ValueError, match="first_k_dense_replace"):
         hf.load_hf_mla(out)
+
+
+def test_mla_to_gqla_cli_regroups_a_deepseek_layout_dir(tmp_path, capsys):
+    """gqla-convert mla-to-gqla on a dense DeepSeek-V3-layout dir holding a model that really has
+    2 groups: with neighbour groups of that size the CLI's HF gqla output is the same model; bad
+    group counts and an existing output exit 2 and write nothing."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from gqla_megatron.conversion import cli
+
+    cfg = gqla_cfg(24)
+    mw = _model(cfg)
+    src = str(tmp_path / "ds")
+    hf.save_hf_gqla(src, mw, cfg, layout="deepseek_v3")
+    prefix = str(tmp_path / "calib_text_document")
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for doc in np.random.default_rng(0).integers(0, 80, (6, 40)).astype(np.int32):
+        b.add_document(torch.from_numpy(doc), [40])
+    b.finalize(prefix + ".idx")
+    out = str(tmp_path / "gqla")
+    argv = ["mla-to-gqla", "--hf", src, "--save", out, "--num-query-groups", "2", "--calib-data", prefix,
+            "--calib-samples", "4", "--calib-seq-length", "16"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    back, bcfg, _ = hf.load_hf_gqla(out)
+    assert bcfg.num_query_groups == 2 and os.path.isfile(os.path.join(out, "conversion_report.json"))
+    tokens = torch.randint(0, 80, (2, 11), generator=torch.Generator().manual_seed(4))
+    assert_close_report("mla-to-gqla CLI", rm.forward(tokens, back, bcfg), rm.forward(tokens, mw, cfg),
+                        rel_l2=FP32_LOGITS)
+    assert cli.main(argv) == 2 and "exists" in capsys.readouterr().err
+    bad = str(tmp_path / "bad")
+    assert cli.main(argv[:3] + ["--save", bad, "--num-query-groups", "4"] + argv[7:]) == 2
+    assert "--num-query-groups" in capsys.readouterr().err and not os.path.exists(bad)
