@@ -5,6 +5,7 @@ of one layer, on a grid of batch B x context L x s_q x path.
     gqla-bench decode --batch 1,32 --context 8k --s-q 1 --path absorb --out /tmp/b
     gqla-bench decode --shapes h128 --path absorb --out /tmp/b128      # 128-head absorb
     gqla-bench decode --sweep --out /tmp/sweep              # tile/warp/stage/split sweep
+    gqla-bench decode --no-cuda-graphs --out /tmp/eager      # eager launches instead of graph replays
     python -m gqla_megatron.bench_decode ...                # same without the entry point
 
 Per cell: L cached keys per sequence (all sequences the same length; the s_q new tokens are the
@@ -28,8 +29,17 @@ Methods (each timed alone, inputs prepared outside the timed region):
 A method that cannot run reports "n/a: <reason>"; a cell (or method) whose tensors would not
 fit the free GPU memory is skipped with the estimate.
 
-Reported per method: median time (CUDA events, --warmup calls, then --iters timed calls, L2
-flushed before each by writing a 256 MiB buffer unless --no-flush), achieved TB/s = bytes / time,
+Timing (--cuda-graphs, the default on CUDA): every method alike (triton and all peers) is run
+--warmup times eagerly on a side stream, one call is captured in a torch.cuda.CUDAGraph, and
+--iters graph replays are timed with CUDA events; the L2 flush (a 256 MiB write, unless
+--no-flush) runs outside the graph before each timed replay. This is how a serving engine runs
+a decode step (our engine's cuda_graphs=True), and it keeps the host's Python launch cost (tens
+of us per Triton launch) out of the kernel time. A method whose capture fails is timed eagerly
+and marked (row "timing": "eager" with "timing_note"; a section of the markdown).
+--no-cuda-graphs times eager launches (host launch cost included, as in an eager decode loop).
+
+Reported per method: median time (CUDA events over --iters timed calls after --warmup), achieved
+TB/s = bytes / time,
 TFLOP/s, % of the copy bandwidth and % of the bf16 matmul rate, both measured at the start of
 the same run (a --copy-mib device-to-device copy counted read + write; a --gemm-n cubed bf16
 matmul). Bytes = what the method must read and write at least: the cache it reads (the GQLA
@@ -118,6 +128,61 @@ def time_fn(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def time_graph(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
+               flush: Optional[torch.Tensor] = None) -> float:
+    """Median seconds of one replay of a CUDA graph holding one ``fn()`` call.
+
+    As torch's CUDA-graph docs require: ``warmup`` (at least 2) eager calls on a side stream,
+    then one call captured in a ``torch.cuda.CUDAGraph``; each timed replay is bracketed by CUDA
+    events, with the L2 flush (if any) launched outside the graph before it. This takes the
+    host's launch cost out of the measurement, as in serving (decode steps run as graph
+    replays). Raises whatever the capture raises (the caller falls back to eager timing)."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(max(2, warmup)):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize(dev)
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        events = []
+        for _ in range(iters):
+            if flush is not None:
+                flush.zero_()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            graph.replay()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize(dev)
+        return statistics.median(s.elapsed_time(e) * 1e-3 for s, e in events)
+    finally:
+        del graph
+
+
+def time_method(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
+                flush: Optional[torch.Tensor], graphs: bool) -> tuple:
+    """(median seconds, timing mode, note): graph replay when ``graphs`` (CUDA only) and the
+    capture works, else eager launches ("eager" and the capture error as the note)."""
+    if graphs and dev.type == "cuda":
+        try:
+            return time_graph(fn, dev, warmup=warmup, iters=iters, flush=flush), "graph", None
+        except Exception as e:  # capture refused: report eager time with the reason
+            try:
+                torch.cuda.synchronize(dev)
+            except Exception:
+                pass
+            err = f"cuda graph capture failed ({_short(e, 120)}); eager time"
+            return time_fn(fn, dev, warmup=warmup, iters=iters, flush=flush), "eager", err
+    return time_fn(fn, dev, warmup=warmup, iters=iters, flush=flush), "eager", None
 
 
 def measure_rates(dev: torch.device, *, copy_mib: int, gemm_n: int, iters: int = 10) -> dict:
@@ -265,7 +330,14 @@ def _method_bmm(path, shp, x):
 
 
 def _stock_layouts(path, shp, x):
-    """Formulations for SDPA / flex: list of (name, q, k, v, mask_rows_per_s, enable_gqa)."""
+    """Formulations for SDPA / flex: list of (name, q, k, v, mask_rows_per_s, enable_gqa); built
+    once per cell (kept in ``x``) and shared by the SDPA backends and flex."""
+    if "_stock" not in x:
+        x["_stock"] = _build_stock_layouts(path, shp, x)
+    return x["_stock"]
+
+
+def _build_stock_layouts(path, shp, x):
     B, S, L, H = x["B"], x["S"], x["L"], shp.heads
     if path == "absorb":
         k = torch.cat([x["c"], x["k_rope"]], -1)[:, None]            # (B, 1, L, r + d_r)
@@ -419,7 +491,8 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
                 continue
         try:
             fn, nbytes, note = METHODS[m](path, shp, x)
-            t = time_fn(fn, dev, warmup=args.warmup, iters=args.iters, flush=flush)
+            t, mode, why = time_method(fn, dev, warmup=args.warmup, iters=args.iters, flush=flush,
+                                       graphs=args.cuda_graphs)
         except NotApplicable as e:
             rows.append({**row, "status": "n/a", "reason": str(e)})
             continue
@@ -435,7 +508,9 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
         tbps, tflops = nbytes / t / 1e12, fl / t / 1e12
         row.update(status="ok", time_us=t * 1e6, bytes=nbytes, tbps=tbps, tflops=tflops,
                    pct_copy=100 * tbps / rates["copy_tbps"], pct_gemm=100 * tflops / rates["gemm_tflops"],
-                   note=note)
+                   note=note, timing=mode)
+        if why:
+            row["timing_note"] = why
         rows.append(row)
     if len(outs) == 2:   # sanity: the kernel agrees with the stock math on this cell
         a, b = outs["triton"], outs["bmm"]
@@ -473,7 +548,8 @@ def markdown(result: dict) -> str:
              f"page size {result['page_size'] or 'contiguous'}; copy {r['copy_tbps']:.2f} TB/s "
              f"({r['copy_mib']} MiB D2D, read+write), matmul {r['gemm_tflops']:.0f} TFLOP/s "
              f"({r['gemm_dtype']} {r['gemm_n']}^3); median of {result['iters']} after {result['warmup']} "
-             f"warmup{', L2 flushed' if result['flush'] else ''}.", ""]
+             f"warmup{', L2 flushed' if result['flush'] else ''}; "
+             f"{'CUDA-graph replays' if result.get('cuda_graphs') else 'eager launches'}.", ""]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for path in sorted({s["path"] for s in result["summary"]}):
         lines += [f"## {path}", "",
@@ -491,6 +567,10 @@ def markdown(result: dict) -> str:
                          f"{fmt(s.get('x_best_peer'), '.2f')} | {fmt(s.get('x_bmm'), '.2f')} | "
                          f"{fmt(t.get('rel_l2_vs_bmm'), '.1e')} |")
         lines.append("")
+    eager = sorted({(r["method"], r["path"], r["timing_note"]) for r in result["rows"] if r.get("timing_note")})
+    if eager:
+        lines += ["## Methods timed eagerly (graph capture failed)", ""]
+        lines += [f"- {m} ({p}): {n}" for m, p, n in eager] + [""]
     na = sorted({(r["method"], r["path"], r.get("reason", "")) for r in result["rows"] if r["status"] != "ok"})
     if na:
         lines += ["## Methods that did not run", ""]
@@ -560,26 +640,25 @@ def _write_atomic(path: str, text: str) -> None:
 # ------------------------------------------------------------------------------------------
 # sweep
 # ------------------------------------------------------------------------------------------
-SWEEP_CELLS = {"absorb": [(1, 8192, 1), (32, 4096, 1), (128, 8192, 2)],
-               "gqa": [(1, 8192, 1), (32, 4096, 1), (128, 8192, 2)]}
+SWEEP_CELLS = {"absorb": [(1, 8192, 1), (32, 4096, 1), (128, 8192, 1), (128, 8192, 2)],
+               "gqa": [(1, 8192, 1), (32, 4096, 1)]}
 
 
 def sweep_configs(path: str) -> List[dict]:
+    """Candidates around the first H200 sweep's winners (defaults first). Kept small: every tile
+    shape is one Triton compile (seconds), and the whole sweep must stay near a minute."""
     out = [{}]
     if path == "absorb":
-        for bm in (32, 64):
-            for bn in (32, 64):
-                for nw in (4, 8):
-                    for ns in (1, 2, 3):
-                        out.append(dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns))
-        for mc in (64, 256, 512):
-            out.append(dict(min_chunk=mc))
+        for bm, bn, ns in ((32, 64, 2), (64, 64, 2), (64, 32, 2), (32, 32, 2), (64, 64, 3),
+                           (32, 64, 3), (64, 64, 1), (32, 128, 1)):
+            out.append(dict(block_m=bm, block_n=bn, num_warps=8, num_stages=ns))
+        out.append(dict(block_m=64, block_n=64, num_warps=4, num_stages=2))
+        for wv, mc in ((1.0, 128), (4.0, 128), (2.0, 64), (2.0, 256)):
+            out.append(dict(waves=wv, min_chunk=mc))
     else:
-        for bn in (32, 64, 128):
-            for nw in (2, 4, 8):
-                for ns in (2, 3, 4):
-                    out.append(dict(block_n=bn, num_warps=nw, num_stages=ns))
-        for mc, wv in ((32, 2.0), (128, 2.0), (64, 1.0), (64, 4.0)):
+        for bn, nw, ns in ((64, 8, 3), (128, 4, 2), (64, 4, 4), (32, 4, 3)):
+            out.append(dict(block_n=bn, num_warps=nw, num_stages=ns))
+        for mc, wv in ((64, 1.0), (64, 4.0), (128, 2.0)):
             out.append(dict(min_chunk=mc, waves=wv))
     return out
 
@@ -599,7 +678,8 @@ def run_sweep(args, shp, dtype, dev, rates, flush) -> dict:
                 cfg = td.DecodeKernelConfig(**extra)
                 try:
                     fn, _, note = _method_triton(path, shp, x, config=cfg)
-                    t = time_fn(fn, dev, warmup=2, iters=max(5, args.iters // 2), flush=flush)
+                    t, _, _ = time_method(fn, dev, warmup=2, iters=max(5, args.iters // 2), flush=flush,
+                                          graphs=args.cuda_graphs)
                 except Exception as e:
                     tried.append({"config": extra, "status": "n/a", "reason": _short(e)})
                     continue
@@ -639,12 +719,15 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=0, help="paged cache for the triton kernels (0 = contiguous)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers (default {','.join(PEERS)}; '' for none)")
     p.add_argument("--no-triton", action="store_true", help="peers only")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls per method (default 5)")
-    p.add_argument("--iters", type=int, default=20, help="timed calls per method (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per method (default 3)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per method (default 10)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="time every method as a CUDA-graph replay (default on CUDA; --no-cuda-graphs: "
+                        "eager launches, host launch cost included)")
     p.add_argument("--no-flush", dest="flush", action="store_false", help="do not flush L2 between timed calls")
     p.add_argument("--copy-mib", type=int, default=None, help="copy probe size (default 2048 on GPU, 64 on CPU)")
     p.add_argument("--gemm-n", type=int, default=None, help="matmul probe size (default 8192 on GPU, 512 on CPU)")
-    p.add_argument("--flex-budget-s", type=float, default=120.0, help="seconds of flex_attention compiling (default 120)")
+    p.add_argument("--flex-budget-s", type=float, default=45.0, help="seconds of flex_attention compiling (default 45)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--sweep", action="store_true", help="sweep kernel configs on a few cells and print the best")
     p.add_argument("--out", required=True, help="output directory (JSON, markdown, PNG)")
@@ -686,6 +769,10 @@ def _cmd_decode(args, parser) -> int:
     dtype = DTYPES[args.dtype]
     _FLEX["budget_s"] = args.flex_budget_s
     on_gpu = dev.type == "cuda"
+    if args.cuda_graphs is None:
+        args.cuda_graphs = on_gpu
+    elif args.cuda_graphs and not on_gpu:
+        parser.error("--cuda-graphs needs a CUDA device")
     rates = measure_rates(dev, copy_mib=args.copy_mib or (2048 if on_gpu else 64),
                           gemm_n=args.gemm_n or (8192 if on_gpu else 512))
     print(f"device {torch.cuda.get_device_name(dev) if on_gpu else 'cpu'}: copy {rates['copy_tbps']:.3f} TB/s, "
@@ -712,6 +799,7 @@ def _cmd_decode(args, parser) -> int:
     result = {"device": torch.cuda.get_device_name(dev) if on_gpu else "cpu", "torch": torch.__version__,
               "triton": _triton_version(), "shapes_name": args.shapes, "shapes": dataclasses.asdict(shp),
               "dtype": args.dtype, "page_size": args.page_size, "warmup": args.warmup, "iters": args.iters,
+              "cuda_graphs": bool(args.cuda_graphs),
               "flush": bool(flush is not None), "rates": rates, "argv": sys.argv[1:], "rows": rows,
               "summary": summarize(rows), "env": {k: v for k, v in os.environ.items() if k.startswith("GQLA_DECODE_")}}
     _write_atomic(os.path.join(args.out, "decode_bench.json"), json.dumps(result, indent=1))

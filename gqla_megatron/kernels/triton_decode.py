@@ -36,7 +36,7 @@ units = B * row_blocks (* G) programs. If units >= waves * SMs the GPU is full: 
 Otherwise splits = ceil(waves * SMs / units), capped so that every split keeps at least
 ``min_chunk`` keys of the longest sequence (the partial outputs cost about
 rows * d_v * 8 bytes per split of extra traffic, large for absorb's 512-wide latent) and at 256.
-Defaults: absorb waves 1, min_chunk 128; gqa waves 2, min_chunk 64. The sequence length used is
+Defaults: absorb waves 2, min_chunk 128; gqa waves 2, min_chunk 64. The sequence length used is
 ``max_len`` if given, else the cache capacity (no host sync).
 
 Tuning knobs (for sweeps on the GPU; see ``DecodeKernelConfig``): an explicit ``config``
@@ -422,9 +422,11 @@ def default_config(path: str, rows: int, dtype: torch.dtype) -> DecodeKernelConf
             bm = min(bm, 32)
             return DecodeKernelConfig(block_m=bm, block_n=16, num_warps=4 if bm == 16 else 8,
                                       num_stages=1, num_splits=None, min_chunk=128, waves=1.0)
-        bn = 64 if bm <= 32 else 32
-        return DecodeKernelConfig(block_m=bm, block_n=bn, num_warps=4 if bm == 16 else 8,
-                                  num_stages=2, num_splits=None, min_chunk=128, waves=1.0)
+        # H200 sweep (bf16, r=512, d_r=64): 64 rows -> 64 x 64 tiles, 8 warps, 2 stages (1.43 ->
+        # 1.89 TB/s at B=128 L=8k s_q=2); 32 rows -> 32 x 64, 8 warps, 2 stages (0.66 -> 1.15 TB/s
+        # at B=32 L=4k). Splits aim at 2 programs per SM (waves 2).
+        return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=4 if bm == 16 else 8,
+                                  num_stages=2, num_splits=None, min_chunk=128, waves=2.0)
     return DecodeKernelConfig(block_m=bm, block_n=64 if not wide else 32, num_warps=8 if wide else 4,
                               num_stages=2 if wide else 3, num_splits=None, min_chunk=64, waves=2.0)
 
@@ -643,15 +645,33 @@ class DecodePlan:
     num_splits: int
     row_blocks: int
     grid: Tuple[int, int, int]
+    explicit: bool = False
+    """Whether a tile/launch field was set explicitly (no out-of-resources fallback then)."""
+
+
+_PLANS: Dict[tuple, DecodePlan] = {}
+
+
+def _env_snapshot(path: str) -> tuple:
+    return tuple(os.environ.get(f"GQLA_DECODE_{path.upper()}_{f.upper()}") for f in _FIELDS)
 
 
 def plan_decode(path: str, *, batch: int, s_q: int, heads: int, groups: int, max_len: int,
                 dtype: torch.dtype, device, config: Optional[DecodeKernelConfig] = None) -> DecodePlan:
-    """Resolve the config and the number of splits for one call (no launch)."""
+    """Resolve the config and the number of splits for one call (no launch). Cached per
+    (shapes, config, GQLA_DECODE_* values): repeated decode steps do no host work here."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    key = (path, batch, s_q, heads, groups, max_len, dtype, str(device), config, _env_snapshot(path))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _make_plan(path, batch, s_q, heads, groups, max_len, dtype, device, config)
+    return plan
+
+
+def _make_plan(path, batch, s_q, heads, groups, max_len, dtype, device, config) -> DecodePlan:
     rows = heads * s_q if path == "absorb" else (heads // groups) * s_q
-    cfg, _ = resolve_config(path, rows, dtype, config)
+    cfg, explicit = resolve_config(path, rows, dtype, config)
     row_blocks = triton.cdiv(rows, cfg.block_m)
     units = batch * row_blocks * (1 if path == "absorb" else groups)
     nsplit = cfg.num_splits or choose_num_splits(units, max_len, num_sms(torch.device(device)),
@@ -659,7 +679,7 @@ def plan_decode(path: str, *, batch: int, s_q: int, heads: int, groups: int, max
                                                  block_n=cfg.block_n)
     cfg = dataclasses.replace(cfg, num_splits=nsplit)
     grid = (nsplit, row_blocks * (1 if path == "absorb" else groups), batch)
-    return DecodePlan(path, cfg, nsplit, row_blocks, grid)
+    return DecodePlan(path, cfg, nsplit, row_blocks, grid, explicit)
 
 
 def _common_checks(q: Tensor, q_rope: Tensor, lengths: Tensor, names=("q", "q_rope")):
@@ -729,7 +749,7 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
         return out.zero_()
     plan = plan_decode("absorb", batch=B, s_q=S, heads=H, groups=1, max_len=max_len or cap,
                        dtype=q_abs.dtype, device=q_abs.device, config=config)
-    _, explicit = resolve_config("absorb", H * S, q_abs.dtype, config)
+    explicit = plan.explicit
     nsplit = plan.num_splits
     direct = nsplit == 1
     if direct:
@@ -804,7 +824,7 @@ def gqa_decode(q_nope: Tensor, q_rope: Tensor, k_nope: Tensor, v: Tensor, k_rope
     M = H // G
     plan = plan_decode("gqa", batch=B, s_q=S, heads=H, groups=G, max_len=max_len or cap,
                        dtype=q_nope.dtype, device=q_nope.device, config=config)
-    _, explicit = resolve_config("gqa", M * S, q_nope.dtype, config)
+    explicit = plan.explicit
     nsplit = plan.num_splits
     direct = nsplit == 1
     if direct:

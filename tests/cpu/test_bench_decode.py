@@ -41,6 +41,10 @@ def test_decode_bench_cpu_grid_writes_json_markdown_png(tmp_path, monkeypatch):
                 assert r[k] > 0, (k, r)
         else:
             assert r["reason"]
+    assert res["cuda_graphs"] is False          # graph replays are the CUDA default only
+    for r in res["rows"]:
+        if r["status"] == "ok":
+            assert r["timing"] == "eager" and "timing_note" not in r
     for s in res["summary"]:
         assert s["best_peer"] in ("bmm", "sdpa_flash")
     md = (out / "decode_bench.md").read_text()
@@ -61,7 +65,28 @@ def test_decode_bench_bytes_and_flops_formulas():
 
 
 @pytest.mark.parametrize("bad", [["--batch", "0"], ["--path", "mla"], ["--peers", "flashmla"],
-                                 ["--context", "1x"], ["--s-q", "64"]])
+                                 ["--context", "1x"], ["--s-q", "64"], ["--cuda-graphs"]])
 def test_decode_bench_rejects_bad_flags(tmp_path, bad):
     with pytest.raises(SystemExit):
         _run(tmp_path, *bad)
+
+
+def test_decode_bench_no_cuda_graphs_flag_runs_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = _run(tmp_path, "--no-cuda-graphs", "--path", "gqa", "--batch", "1", "--s-q", "1")
+    res = json.loads((out / "decode_bench.json").read_text())
+    assert res["cuda_graphs"] is False and "eager launches" in (out / "decode_bench.md").read_text()
+
+
+@pytest.mark.parametrize("path", ["absorb", "gqa"])
+def test_decode_sweep_candidates_are_valid_configs(path):
+    """Every --sweep candidate resolves (a bad field would waste the GPU sweep), defaults first."""
+    import torch
+
+    from gqla_megatron.kernels import triton_decode as td
+
+    cands = bench_decode.sweep_configs(path)
+    assert cands[0] == {} and len(cands) == len({tuple(sorted(c.items())) for c in cands})
+    for c in cands:
+        for rows in ((32, 64) if path == "absorb" else (4, 8)):
+            td.resolve_config(path, rows, torch.bfloat16, td.DecodeKernelConfig(**c))
