@@ -77,6 +77,14 @@ def unwrap(model):
     return model
 
 
+def _model_sharded_state_dict(model):
+    """The model's sharded state dict with Megatron's DP/CP-group metadata set (0.16.1's
+    GPTModel with MTP on a pipeline stage that holds no MTP layer dereferences it otherwise)."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    return model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extra: dict) -> str:
     """Save model, Megatron optimizer, scheduler and RNG; returns the checkpoint dir."""
     from megatron.core import dist_checkpointing
@@ -88,7 +96,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    model_sd = model.sharded_state_dict()
+    model_sd = _model_sharded_state_dict(model)
     sharded = {"model": model_sd,
                "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPT_METADATA)}
     dist_checkpointing.save(sharded, tmp)  # needs an empty directory
@@ -120,7 +128,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler) -> int:
     path = iter_dir(root, it)
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
-    model_sd = model.sharded_state_dict()
+    model_sd = _model_sharded_state_dict(model)
     sharded = {"model": model_sd,
                "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_METADATA)}
     loaded = dist_checkpointing.load(sharded, path)

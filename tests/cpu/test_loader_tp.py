@@ -68,10 +68,12 @@ def test_tp2_and_pp2_checkpoints_load_as_tp1(tmp_path):
                                                                     "--tensor-model-parallel-size", "2"], nproc=2))
     assert args["tensor_model_parallel_size"] == 2
     assert_same(tp1, tp2)
-    # PP=2 without MTP (Megatron 0.16.1 cannot save an MTP model under PP, see the final report)
-    pp1, _, _ = load_megatron_checkpoint(save(tmp_path, "pp1", []))
-    pp2, _, _ = load_megatron_checkpoint(save(tmp_path, "pp2", ["--pipeline-model-parallel-size", "2"], nproc=2))
-    assert_same(pp1, pp2)
+    # PP=2 with MTP (the MTP block lives on the last stage; saving it needs Megatron's DP/CP-group
+    # metadata, see training/checkpoint._model_sharded_state_dict)
+    pp2, _, _ = load_megatron_checkpoint(save(tmp_path, "pp2", ["--mtp-num-layers", "1",
+                                                                "--pipeline-model-parallel-size", "2"], nproc=2))
+    assert len(pp2.mtp) == 1
+    assert_same(tp1, pp2)
     # the fc1 rows really are [gate ; up] of the full width: a per-rank block order differs
     W = tp2.layers[0].W_fc1
     F = W.shape[0] // 2
