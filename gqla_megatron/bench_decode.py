@@ -549,7 +549,8 @@ def markdown(result: dict) -> str:
              f"({r['copy_mib']} MiB D2D, read+write), matmul {r['gemm_tflops']:.0f} TFLOP/s "
              f"({r['gemm_dtype']} {r['gemm_n']}^3); median of {result['iters']} after {result['warmup']} "
              f"warmup{', L2 flushed' if result['flush'] else ''}; "
-             f"{'CUDA-graph replays' if result.get('cuda_graphs') else 'eager launches'}.", ""]
+             f"{'CUDA-graph replays' if result.get('cuda_graphs') else 'eager launches'}"
+             f"{'' if result.get('complete', True) else ' (INCOMPLETE: the run stopped early)'}.", ""]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for path in sorted({s["path"] for s in result["summary"]}):
         lines += [f"## {path}", "",
@@ -649,8 +650,7 @@ def sweep_configs(path: str) -> List[dict]:
     shape is one Triton compile (seconds), and the whole sweep must stay near a minute."""
     out = [{}]
     if path == "absorb":
-        for bm, bn, ns in ((32, 64, 2), (64, 64, 2), (64, 32, 2), (32, 32, 2), (64, 64, 3),
-                           (32, 64, 3), (64, 64, 1), (32, 128, 1)):
+        for bm, bn, ns in ((32, 64, 2), (64, 64, 2), (64, 32, 2), (64, 64, 3), (32, 64, 3), (64, 64, 1)):
             out.append(dict(block_m=bm, block_n=bn, num_warps=8, num_stages=ns))
         out.append(dict(block_m=64, block_n=64, num_warps=4, num_stages=2))
         for wv, mc in ((1.0, 128), (4.0, 128), (2.0, 64), (2.0, 256)):
@@ -688,6 +688,8 @@ def run_sweep(args, shp, dtype, dev, rates, flush) -> dict:
             ok = sorted((r for r in tried if r["status"] == "ok"), key=lambda r: r["time_us"])
             key = f"{path} B={B} L={L} s_q={S}"
             results[key] = tried
+            _write_atomic(os.path.join(args.out, "decode_sweep.json"),   # kept if the run is cut short
+                          json.dumps({"rates": rates, "shapes": dataclasses.asdict(shp), "sweep": results}, indent=1))
             print(f"\n== sweep {key} (copy {rates['copy_tbps']:.2f} TB/s)")
             for r in ok[:8]:
                 print(f"  {r['time_us']:9.1f} us {r['tbps']:5.2f} TB/s "
@@ -796,17 +798,25 @@ def _cmd_decode(args, parser) -> int:
                     msg = " ".join(f"{r['method']}={r['time_us']:.1f}us/{r['tbps']:.2f}TB/s" if r["status"] == "ok"
                                    else f"{r['method']}={r['status']}" for r in cell)
                     print(f"[{time.time() - t0:6.1f}s] {path} B={B} L={L} s_q={S}: {msg}", flush=True)
+                    # rewritten after every cell: a run cut short by a time limit keeps its cells
+                    result = _write_results(args, dev, shp, rates, flush, rows, complete=False)
+    result = _write_results(args, dev, shp, rates, flush, rows, complete=True)
+    msg = plot(result, os.path.join(args.out, "decode_bench.png"))
+    print(f"wrote {args.out}/decode_bench.json, decode_bench.md" + (f"; {msg}" if msg else ", decode_bench.png"))
+    return 0
+
+
+def _write_results(args, dev, shp, rates, flush, rows, *, complete: bool) -> dict:
+    on_gpu = dev.type == "cuda"
     result = {"device": torch.cuda.get_device_name(dev) if on_gpu else "cpu", "torch": torch.__version__,
               "triton": _triton_version(), "shapes_name": args.shapes, "shapes": dataclasses.asdict(shp),
               "dtype": args.dtype, "page_size": args.page_size, "warmup": args.warmup, "iters": args.iters,
-              "cuda_graphs": bool(args.cuda_graphs),
+              "cuda_graphs": bool(args.cuda_graphs), "complete": complete,
               "flush": bool(flush is not None), "rates": rates, "argv": sys.argv[1:], "rows": rows,
               "summary": summarize(rows), "env": {k: v for k, v in os.environ.items() if k.startswith("GQLA_DECODE_")}}
     _write_atomic(os.path.join(args.out, "decode_bench.json"), json.dumps(result, indent=1))
     _write_atomic(os.path.join(args.out, "decode_bench.md"), markdown(result))
-    msg = plot(result, os.path.join(args.out, "decode_bench.png"))
-    print(f"wrote {args.out}/decode_bench.json, decode_bench.md" + (f"; {msg}" if msg else ", decode_bench.png"))
-    return 0
+    return result
 
 
 def _triton_version() -> Optional[str]:
