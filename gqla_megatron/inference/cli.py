@@ -22,11 +22,12 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate for a batch of prompts")
-    g.add_argument("--load", required=True, help="gqla-pretrain checkpoint directory")
+    g.add_argument("--load", required=True, help="GQLA checkpoint: gqla-pretrain / gqla-convert directory, or an "
+                   "HF directory in the GQLA layout (gqla-convert export-hf)")
     g.add_argument("--prompt-ids", action="append", default=[], help="a prompt as space-separated token ids")
-    g.add_argument("--prompt", action="append", default=[], help="a text prompt (needs --tokenizer)")
+    g.add_argument("--prompt", action="append", default=[], help="a text prompt (needs --tokenizer or a tokenizer.json in the checkpoint)")
     g.add_argument("--prompt-file", help="one text prompt per line (needs --tokenizer)")
-    g.add_argument("--tokenizer", help="HF tokenizers tokenizer.json")
+    g.add_argument("--tokenizer", help="HF tokenizers tokenizer.json (default: the checkpoint's, if any)")
     g.add_argument("--decode-path", choices=("auto", "absorb", "gqa"), default="auto", help="decode path")
     g.add_argument("--decode-backend", default="auto", help="decode backend name (registry)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
@@ -54,21 +55,13 @@ def main(argv=None) -> int:
 
 def _generate(args) -> int:
     from gqla_megatron.inference.engine import GQLAEngine, SamplingParams
-    from gqla_megatron.inference.loader import load_megatron_checkpoint
+    from gqla_megatron.inference.loader import load_checkpoint
 
     texts = list(args.prompt)
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
             texts += [line.rstrip("\n") for line in f if line.strip()]
-    tok = None
-    if texts or args.tokenizer:
-        if not args.tokenizer:
-            raise ValueError("--prompt/--prompt-file need --tokenizer")
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(args.tokenizer)
-    prompts = [[int(t) for t in s.split()] for s in args.prompt_ids] + [tok.encode(t).ids for t in texts]
-    if not prompts:
+    if not (args.prompt_ids or texts):
         raise ValueError("give at least one --prompt-ids, --prompt or --prompt-file")
     if args.mtp_speculative and args.temperature > 0:
         raise ValueError("--mtp-speculative is greedy only: drop --temperature")
@@ -86,7 +79,16 @@ def _generate(args) -> int:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         tp_group, rank = dist.group.WORLD, dist.get_rank()
-    mw, cfg, run = load_megatron_checkpoint(args.load)
+    mw, cfg, run, ckpt_tok = load_checkpoint(args.load)
+    tok = None
+    tok_path = args.tokenizer or (ckpt_tok if texts else None)
+    if texts and not tok_path:
+        raise ValueError("--prompt/--prompt-file need --tokenizer (the checkpoint has no tokenizer.json)")
+    if tok_path:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(tok_path)
+    prompts = [[int(t) for t in s.split()] for s in args.prompt_ids] + [tok.encode(t).ids for t in texts]
     if tok is not None and tok.get_vocab_size() > mw.embedding.shape[0]:
         raise ValueError(f"--tokenizer has {tok.get_vocab_size()} tokens but the checkpoint's vocabulary "
                          f"is {mw.embedding.shape[0]}: tokenizer and checkpoint do not match")

@@ -1,4 +1,5 @@
-"""Load a GQLA checkpoint written by gqla-pretrain (Megatron torch_dist) into reference weights.
+"""Load a GQLA checkpoint written by gqla-pretrain / gqla-convert (Megatron torch_dist) or an HF
+GQLA-layout directory (``load_checkpoint`` picks by format) into reference weights.
 
 Reads the tensors without building the Megatron model (``dist_checkpointing.load_plain_tensors``),
 un-stacks Megatron's stacked layer keys (``decoder.layers.<param>`` with a leading layer axis)
@@ -79,3 +80,24 @@ def load_megatron_checkpoint(root: str):
     mw = adapters.model_to_reference(sd, cfg, args["num_layers"], backend=backend, mtp_num_layers=mtp,
                                      eps=cfg.layernorm_epsilon)
     return mw, cfg, args
+
+
+def load_checkpoint(root: str):
+    """(ModelWeights, GQLAConfig, run dict, tokenizer.json path or None) from either format
+    gqla-serve reads: a gqla-pretrain / gqla-convert Megatron checkpoint (torch_dist), or an HF
+    directory in the GQLA layout written by ``gqla-convert export-hf --layout gqla`` (config.json
+    with model_type "gqla" + safetensors)."""
+    if os.path.isfile(os.path.join(root, "config.json")):
+        from gqla_megatron.conversion import hf
+
+        with open(os.path.join(root, "config.json")) as f:
+            conf = json.load(f)
+        if conf.get("model_type") != "gqla":
+            raise ValueError(f"--load {root}: an HF directory of model_type {conf.get('model_type')!r}; "
+                             f"gqla-serve reads the GQLA layout (gqla-convert export-hf --layout gqla)")
+        mw, cfg, tok = hf.load_hf_gqla(root)
+        return mw, cfg, {"seq_length": int(conf.get("max_position_embeddings") or 4096), "format": "hf_gqla"}, tok
+    mw, cfg, args = load_megatron_checkpoint(root)
+    tok = os.path.join(root, "tokenizer.json")
+    return mw, cfg, args, tok if os.path.isfile(tok) else None
+

@@ -125,6 +125,18 @@ def test_serve_cli_on_a_pretrained_checkpoint(tmp_path):
     assert outs["absorb"][2] == "[2] error: empty prompt"
     # the tiny model learned Megatron's mock data (each token = previous + 1)
     assert outs["absorb"][0] == "[0] 14 15 16 17 18 19"
+    # the same model exported to the HF GQLA layout serves the same tokens
+    hf_dir = tmp_path / "hf_gqla"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "convert_gqla.py"), "export-hf", "--load",
+                        str(ckpt), "--save", str(hf_dir), "--layout", "gqla"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "serve", "generate.py"), "generate", "--load", str(hf_dir),
+                        "--prompt-ids", "10 11 12 13", "--prompt-ids", "40 41", "--prompt-ids", "",
+                        "--decode-path", "gqa", "--max-new-tokens", "6"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [l for l in r.stdout.splitlines() if l.startswith("[")] == outs["gqa"]
 
 
 def test_serve_cli_under_torchrun_tp2(tmp_path):
