@@ -665,6 +665,8 @@ def plan_decode(path: str, *, batch: int, s_q: int, heads: int, groups: int, max
     key = (path, batch, s_q, heads, groups, max_len, dtype, str(device), config, _env_snapshot(path))
     plan = _PLANS.get(key)
     if plan is None:
+        if len(_PLANS) >= 4096:   # e.g. an engine passing a growing max_len: stay bounded
+            _PLANS.clear()
         plan = _PLANS[key] = _make_plan(path, batch, s_q, heads, groups, max_len, dtype, device, config)
     return plan
 

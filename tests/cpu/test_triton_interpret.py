@@ -92,6 +92,22 @@ def test_env_overrides_and_bad_config(monkeypatch):
         td.resolve_config("gqa", 4, torch.bfloat16)
 
 
+def test_launch_plans_cached_and_follow_env(monkeypatch):
+    """Repeated calls reuse one plan (no host work per decode step); a GQLA_DECODE_* change or an
+    explicit config gives a new plan; absorb defaults follow the H200 sweep (64 x 64 at 64 rows)."""
+    monkeypatch.delenv("GQLA_DECODE_ABSORB_BLOCK_N", raising=False)
+    kw = dict(batch=128, s_q=2, heads=32, groups=1, max_len=8192, dtype=torch.bfloat16, device=CPU)
+    p1 = td.plan_decode("absorb", **kw)
+    assert td.plan_decode("absorb", **kw) is p1 and not p1.explicit
+    assert (p1.config.block_m, p1.config.block_n, p1.config.num_warps, p1.config.num_stages) == (64, 64, 8, 2)
+    assert td.plan_decode("absorb", **{**kw, "s_q": 1}).config.block_m == 32
+    monkeypatch.setenv("GQLA_DECODE_ABSORB_BLOCK_N", "32")
+    p2 = td.plan_decode("absorb", **kw)
+    assert p2 is not p1 and p2.config.block_n == 32 and p2.explicit
+    p3 = td.plan_decode("absorb", **kw, config=td.DecodeKernelConfig(num_splits=3))
+    assert p3.num_splits == 3 and p3.grid[0] == 3
+
+
 def test_bad_inputs_rejected_before_launch():
     q, qr, c, kr, lengths, scale = _absorb_inputs()
     with pytest.raises(ValueError, match="dtype"):
