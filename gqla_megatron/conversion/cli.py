@@ -119,8 +119,11 @@ def _check_new_output(path: str) -> None:
     if os.path.exists(path) or os.path.exists(path.rstrip("/") + ".tmp"):
         raise ValueError(f"--save {path} exists; refusing to overwrite")
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"--save {path}: parent directory {parent} does not exist")
+    if not os.path.isdir(parent):  # like mkdir -p (Megatron-LM's --save creates its directory)
+        try:
+            os.makedirs(parent)
+        except OSError as e:
+            raise ValueError(f"--save {path}: cannot create the parent directory {parent} ({e})") from e
 
 
 def _gguf_path(arg: str) -> str:
