@@ -424,9 +424,11 @@ def default_config(path: str, rows: int, dtype: torch.dtype) -> DecodeKernelConf
                                       num_stages=1, num_splits=None, min_chunk=128, waves=1.0)
         # H200 sweep (bf16, r=512, d_r=64): 64 rows -> 64 x 64 tiles, 8 warps, 2 stages (1.43 ->
         # 1.89 TB/s at B=128 L=8k s_q=2); 32 rows -> 32 x 64, 8 warps, 2 stages (0.66 -> 1.15 TB/s
-        # at B=32 L=4k). Splits aim at 2 programs per SM (waves 2).
+        # at B=32 L=4k). Splits aim at 2 programs per SM (waves 2). Second sweep (CUDA-graph
+        # timing, benchmarks/decode_kernels_h200/run2_graphs): 32 rows with 3 stages is faster
+        # again (B=128 L=8k s_q=1: 2.05 -> 2.45 TB/s; B=32 L=4k: 1.50 -> 1.70 TB/s).
         return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=4 if bm == 16 else 8,
-                                  num_stages=2, num_splits=None, min_chunk=128, waves=2.0)
+                                  num_stages=3 if bm == 32 else 2, num_splits=None, min_chunk=128, waves=2.0)
     return DecodeKernelConfig(block_m=bm, block_n=64 if not wide else 32, num_warps=8 if wide else 4,
                               num_stages=2 if wide else 3, num_splits=None, min_chunk=64, waves=2.0)
 
