@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--freqfold", type=int, default=1, help="RoRoPE frequencies per bucket (multiple of d/d_r)")
     c.add_argument("--balance-kv-ratio", type=float, default=1.0, help="BKV-PCA key/value balance")
     c.add_argument("--damping", type=float, default=0.01, help="eigendecomposition damping")
+    c.add_argument("--hessian-weighting", action="store_true",
+                   help="weight calibration tokens by NLL gradients w.r.t. K/V (diagonal Fisher); runs the "
+                        "whole source model with autograd on CPU first (needs it in memory)")
     cal = c.add_mutually_exclusive_group(required=True)
     cal.add_argument("--calib-data", help="raw text file, or Megatron indexed dataset prefix (PREFIX.bin/.idx)")
     cal.add_argument("--calib-pydocs", action="store_true", help="Python docs calibration split (howto/, faq/)")
@@ -275,7 +278,15 @@ def cmd_gqa_to_gqla(a) -> int:
     ev = evaluation_tokens(a, tok)
     copy = {"tokenizer.json": tok_path} if tok_path else None
     settings = {"calib": a.calib_data or "pydocs:calibration", "seed": a.seed,
-                "eval": "pydocs:heldout" if a.eval_pydocs else None}
+                "eval": "pydocs:heldout" if a.eval_pydocs else None, "hessian_weighting": a.hessian_weighting}
+    stats = None
+    if a.hessian_weighting:
+        from gqla_megatron.conversion import transgqla as tg
+
+        full = src.w if isinstance(src, mio.MemorySource) else mio.read_gqa_checkpoint(a.load)[0]
+        with torch.enable_grad():
+            stats = tg.collect_attention_stats(full, src.cfg, calib, batch=a.batch, hessian_weighting=True)
+        del full
     def wandb_logger(rep):
         import wandb
 
@@ -290,7 +301,8 @@ def cmd_gqa_to_gqla(a) -> int:
     with torch.no_grad():
         rep = mio.convert_checkpoint(src, opts, a.save, calib_tokens=calib, eval_tokens=ev,
                                      seq_length=a.seq_length, source_info=info, settings=settings,
-                                     copy_files=copy, progress=not a.no_progress, logger=logger)
+                                     copy_files=copy, progress=not a.no_progress, logger=logger,
+                                     stats=stats)
     p = rep["perplexity"]
     print(f"gqla-convert: wrote {a.save} (r={rep['settings']['kv_lora_rank']}, d_r={opts.rope_dim}, "
           f"freqfold={opts.freqfold}; {rep['time_s']['total']:.1f} s, peak RSS {rep['peak_rss_mib']:.0f} MiB"

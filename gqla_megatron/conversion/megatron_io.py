@@ -1062,11 +1062,14 @@ def convert_checkpoint(source: GQASource, opts: ConvertOptions, out_dir: str, *,
                        calib_tokens: Tensor, eval_tokens: Optional[Tensor] = None,
                        seq_length: Optional[int] = None, source_info: Optional[dict] = None,
                        settings: Optional[dict] = None, copy_files: Optional[Dict[str, str]] = None,
-                       progress: bool = False, logger: Optional[Callable[[dict], None]] = None) -> dict:
+                       progress: bool = False, logger: Optional[Callable[[dict], None]] = None,
+                       stats: Optional[list] = None) -> dict:
     """Streamed TransGQLA of ``source`` into a gqla-pretrain GQLA checkpoint at ``out_dir``.
 
     ``calib_tokens`` (N, S): calibration windows; ``eval_tokens`` (N', S') optional held-out
-    windows for perplexity before/after. Returns the report dict (also written as
+    windows for perplexity before/after. ``stats``: precomputed per-layer calibration statistics
+    (``transgqla.LayerStats``, e.g. Hessian-weighted ones from ``collect_attention_stats``, which
+    needs the whole model in memory) used instead of the streamed second moments. Returns the report dict (also written as
     ``conversion_report.json`` / ``.md`` beside the checkpoint, with ``gqla_config.json``)."""
     from gqla_megatron import reference as ref
     from gqla_megatron import reference_model as rm
@@ -1113,14 +1116,17 @@ def convert_checkpoint(source: GQASource, opts: ConvertOptions, out_dir: str, *,
             lw = GQALayerWeights(**{k: getattr(lw_cpu, k).to(dev) for k in GQALayerWeights.__dataclass_fields__})
             times["read"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            xx = torch.zeros(D, D, dtype=torch.float64, device=dev)
-            count = 0
-            for i in range(0, h_cal.shape[0], opts.batch):
-                x = _rms(h_cal[i:i + opts.batch], lw.attn_norm, cfg.eps).reshape(-1, D).double()
-                xx += x.T @ x
-                count += x.shape[0]
-            if l < cfg.num_layers - 1:
-                h_cal = _chunked(partial(_source_block, lw=lw, cfg=cfg), h_cal, opts.batch)
+            if stats is not None:
+                xx, count = stats[l].xx.to(dev), stats[l].count
+            else:
+                xx = torch.zeros(D, D, dtype=torch.float64, device=dev)
+                count = 0
+                for i in range(0, h_cal.shape[0], opts.batch):
+                    x = _rms(h_cal[i:i + opts.batch], lw.attn_norm, cfg.eps).reshape(-1, D).double()
+                    xx += x.T @ x
+                    count += x.shape[0]
+                if l < cfg.num_layers - 1:
+                    h_cal = _chunked(partial(_source_block, lw=lw, cfg=cfg), h_cal, opts.batch)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times["calibrate"] += time.perf_counter() - t0

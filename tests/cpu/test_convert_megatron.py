@@ -36,7 +36,7 @@ from gqla_megatron import reference_model as rm  # noqa: E402
 from gqla_megatron.conversion import cli  # noqa: E402
 from gqla_megatron.conversion import gguf_import as gi  # noqa: E402
 from gqla_megatron.conversion import megatron_io as mio  # noqa: E402
-from gqla_megatron.testing import FP32_PARITY  # noqa: E402
+from gqla_megatron.testing import FP32_PARITY, compare  # noqa: E402
 from gqla_megatron.testing import assert_close_report as _assert_close  # noqa: E402
 
 D, H, G, HD, F, V, LAYERS = 48, 6, 3, 8, 64, 50, 4
@@ -294,6 +294,33 @@ def test_lossless_conversion_keeps_the_logits(ckpts, tmp_path, fmt, rank):
                  "latest_checkpointed_iteration.txt", "iter_0000000/gqla_train_state.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_precomputed_statistics_path_and_hessian_weighting(ckpts, calib_prefix, tmp_path, capsys):
+    """convert_checkpoint with precomputed plain statistics (collect_attention_stats on the whole
+    model) writes the same weights as the streamed statistics; Hessian-weighted ones change the
+    lossy result; the CLI flag runs end to end and records the setting."""
+    from gqla_megatron.conversion import transgqla as tg
+
+    w, cfg = ckpts["exact_w"], ckpts["cfg"]
+    calib = tokens(4, 16, seed=3)
+    opts = mio.ConvertOptions(kv_lora_rank=12, rope_dim=4, freqfold=2)
+    outs = {}
+    for name, stats in (("streamed", None),
+                        ("plain", tg.collect_attention_stats(w, cfg, calib, batch=2)),
+                        ("hessian", tg.collect_attention_stats(w, cfg, calib, batch=2, hessian_weighting=True))):
+        out = str(tmp_path / name)
+        mio.convert_checkpoint(mio.open_gqa_source(ckpts["exact_dist"]), opts, out, calib_tokens=calib, stats=stats)
+        outs[name] = mio.read_gqla_checkpoint(out)[0]
+    a, b, c = (outs[k].layers[1].attn.W_UKV for k in ("streamed", "plain", "hessian"))
+    assert compare(b, a)["rel_l2"] < 1e-5 and compare(c, a)["rel_l2"] > 1e-3
+    out = str(tmp_path / "cli")
+    rc, err = run_cli(["gqa-to-gqla", "--load", ckpts["exact_dist"], "--save", out, "--kv-lora-rank", "12",
+                       "--qk-pos-emb-head-dim", "4", "--freqfold", "2", "--calib-data", calib_prefix,
+                       "--calib-samples", "4", "--calib-seq-length", "16", "--hessian-weighting",
+                       "--no-progress"], capsys)
+    assert rc == 0, err
+    assert json.load(open(os.path.join(out, "conversion_report.json")))["settings"]["hessian_weighting"] is True
 
 
 def test_lossy_conversion_reports_retained_energy(ckpts, tmp_path):
