@@ -33,6 +33,15 @@ def _int_or_none(text: str) -> Optional[int]:
     return None if text.lower() == "none" else int(text)
 
 
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    cal = p.add_mutually_exclusive_group(required=True)
+    cal.add_argument("--calib-data", help="raw text file, or Megatron indexed dataset prefix (PREFIX.bin/.idx)")
+    cal.add_argument("--calib-pydocs", action="store_true", help="Python docs calibration split (howto/, faq/)")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
+    p.add_argument("--calib-seq-length", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the calibration window choice")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gqla-convert", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -53,12 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hessian-weighting", action="store_true",
                    help="weight calibration tokens by NLL gradients w.r.t. K/V (diagonal Fisher); runs the "
                         "whole source model with autograd on CPU first (needs it in memory)")
-    cal = c.add_mutually_exclusive_group(required=True)
-    cal.add_argument("--calib-data", help="raw text file, or Megatron indexed dataset prefix (PREFIX.bin/.idx)")
-    cal.add_argument("--calib-pydocs", action="store_true", help="Python docs calibration split (howto/, faq/)")
-    c.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
-    c.add_argument("--calib-seq-length", type=int, default=512, help="tokens per calibration window")
-    c.add_argument("--seed", type=int, default=1234, help="seed of the calibration window choice")
+    _add_calibration_args(c)
     c.add_argument("--eval-pydocs", action="store_true", help="held-out perplexity (tutorial/) before/after")
     c.add_argument("--eval-samples", type=int, default=4, help="evaluation windows")
     c.add_argument("--eval-seq-length", type=int, default=None, help="tokens per evaluation window "
@@ -102,12 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "heads_per_group x it is exact)")
     m.add_argument("--v-head-dim", type=int, default=None, help="d_v per group (default: the source's)")
     m.add_argument("--hessian-weighting", action="store_true", help="weight calibration tokens by NLL gradients")
-    mcal = m.add_mutually_exclusive_group(required=True)
-    mcal.add_argument("--calib-data", help="raw text file, or Megatron indexed dataset prefix (PREFIX.bin/.idx)")
-    mcal.add_argument("--calib-pydocs", action="store_true", help="Python docs calibration split (howto/, faq/)")
-    m.add_argument("--calib-samples", type=int, default=16, help="calibration windows")
-    m.add_argument("--calib-seq-length", type=int, default=512, help="tokens per calibration window")
-    m.add_argument("--seed", type=int, default=1234, help="seed of the calibration window choice")
+    _add_calibration_args(m)
     m.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one in the HF dir)")
     m.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="written dtype (auto: float32)")
     return p

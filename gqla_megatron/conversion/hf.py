@@ -577,6 +577,18 @@ def _gqla_config_from_hf(c: dict) -> Tuple[GQLAConfig, int, int, int, float, boo
             bool(c.get("tie_word_embeddings", False)))
 
 
+def _take_query(st, a: str, cfg: GQLAConfig, *, with_norm: bool):
+    """(W_DQ, q_norm, W_UQ) of one layer: q_proj without a query latent, else q_a_proj,
+    q_a_layernorm (when ``with_norm``) and q_b_proj. Rows stay in the file's RoPE order."""
+    D, H, Q = cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank
+    rows = H * (cfg.qk_head_dim + cfg.qk_pos_emb_head_dim)
+    if Q is None:
+        return None, None, st.take(a + "q_proj.weight", (rows, D))
+    return (st.take(a + "q_a_proj.weight", (Q, D)),
+            st.take(a + "q_a_layernorm.weight", (Q,)) if with_norm else None,
+            st.take(a + "q_b_proj.weight", (rows, Q)))
+
+
 def load_hf_gqla(model_dir: str, *, dtype: Optional[torch.dtype] = None
                  ) -> Tuple[rm.ModelWeights, GQLAConfig, Optional[str]]:
     """Read a layout="gqla" directory written by save_hf_gqla: (ModelWeights, GQLAConfig,
@@ -585,18 +597,12 @@ def load_hf_gqla(model_dir: str, *, dtype: Optional[torch.dtype] = None
     cfg, n_layers, vocab, F, eps, tied = _gqla_config_from_hf(c)
     st = _LazyTensors(model_dir, dtype)
     D, H, G, C = cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_lora_rank
-    N, R, V, Q = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.q_lora_rank
+    N, R, V = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
     emb = st.take("model.embed_tokens.weight", (vocab, D))
     layers = []
     for i in range(n_layers):
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        if Q is None:
-            W_DQ, q_norm = None, None
-            W_UQ = st.take(a + "q_proj.weight", (H * (N + R), D))
-        else:
-            W_DQ = st.take(a + "q_a_proj.weight", (Q, D))
-            q_norm = st.take(a + "q_a_layernorm.weight", (Q,)) if cfg.qk_layernorm else None
-            W_UQ = st.take(a + "q_b_proj.weight", (H * (N + R), Q))
+        W_DQ, q_norm, W_UQ = _take_query(st, a, cfg, with_norm=cfg.qk_layernorm)
         kv_a = st.take(a + "kv_a_proj_with_mqa.weight", (C + R, D))
         kv_norm = st.take(a + "kv_a_layernorm.weight", (C,)) if cfg.qk_layernorm else None
         attn = ref.GQLAWeights(W_UQ=W_UQ, W_DKV=kv_a[:C].clone(), W_KR=kv_a[C:].clone(),
@@ -671,19 +677,13 @@ def load_hf_mla(model_dir: str, *, dtype: Optional[torch.dtype] = torch.float32
     cfg, n_layers, vocab, F, eps, tied, interleave = _mla_config_from_hf(c)
     st = _LazyTensors(model_dir, dtype)
     D, H, C = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
-    N, R, V, Q = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.q_lora_rank
+    N, R, V = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
     back = torch.argsort(interleaved_to_half_split_rows(R))      # half-split -> interleaved
     emb = st.take("model.embed_tokens.weight", (vocab, D))
     layers = []
     for i in range(n_layers):
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        if Q is None:
-            W_DQ, q_norm = None, None
-            W_UQ = st.take(a + "q_proj.weight", (H * (N + R), D))
-        else:
-            W_DQ = st.take(a + "q_a_proj.weight", (Q, D))
-            q_norm = st.take(a + "q_a_layernorm.weight", (Q,))
-            W_UQ = st.take(a + "q_b_proj.weight", (H * (N + R), Q))
+        W_DQ, q_norm, W_UQ = _take_query(st, a, cfg, with_norm=True)
         kv_a = st.take(a + "kv_a_proj_with_mqa.weight", (C + R, D))
         W_KR = kv_a[C:]
         if not interleave:
