@@ -316,18 +316,29 @@ class GQLAEngine:
 
     # ---- model steps ------------------------------------------------------------------
     def _prefill_layer(self, h: Tensor, lw: refm.LayerWeights, local, cache: dict, b: int) -> Tensor:
-        """One layer over a whole prompt (1, L, D) at positions 0..L-1 through the reference
-        decode functions on this rank's heads; its K/V go into row b of ``cache``."""
+        """One layer over a whole prompt (1, L, D) at positions 0..L-1 in the EXPANDED form on
+        either path: per-group K/V from the latent, then causal GQA attention with g KV heads
+        through torch SDPA (``enable_gqa``; cuDNN / efficient kernels on GPU where they accept
+        the shapes). The latent (absorb) or the per-group K/V (gqa) go into row b of ``cache``."""
+        import torch.nn.functional as F
+
         lcfg, w = local
-        step = ref.decode_absorb if self.path == "absorb" else ref.decode_gqa
-        empty = (ref.empty_latent_cache if self.path == "absorb" else ref.empty_group_cache)(
-            lcfg, 1, dtype=self.dtype, device=self.device)
-        y, c = step(ref.rms_norm(h, lw.input_norm, self.mw.eps), empty, w, lcfg)
-        L = h.shape[1]
+        L, G = h.shape[1], lcfg.num_query_groups
+        pos = torch.arange(L, device=self.device)[None]
+        x = ref.rms_norm(h, lw.input_norm, self.mw.eps)
+        q_nope, q_rope = ref.project_queries(x, w, lcfg, pos)             # (1, L, H, d_n), (1, L, H, d_r)
+        c, kr = ref.project_latent(x, w, lcfg, pos)                       # (1, L, r), (1, L, d_r)
+        kn, v = ref.expand_latent(c, w, lcfg)                             # (1, L, G, d_n), (1, L, G, d_v)
+        q = torch.cat([q_nope, q_rope], -1).transpose(1, 2)
+        k = torch.cat([kn, kr[:, :, None].expand(-1, -1, G, -1)], -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,
+                                           scale=lcfg.softmax_scale, enable_gqa=True)  # (1, H, L, d_v)
+        y = o.transpose(1, 2).reshape(1, L, -1) @ w.W_O.T
+        cache["k_rope"][b, :L] = kr[0]
         if self.path == "absorb":
-            cache["c"][b, :L], cache["k_rope"][b, :L] = c.c_BTC[0], c.k_rope_BTR[0]
+            cache["c"][b, :L] = c[0]
         else:
-            cache["k_nope"][b, :L], cache["v"][b, :L], cache["k_rope"][b, :L] = c.k_nope_BTGN[0], c.v_BTGV[0], c.k_rope_BTR[0]
+            cache["k_nope"][b, :L], cache["v"][b, :L] = kn[0], v[0]
         h = h + self._reduce(y)
         return h + refm.mlp(h, lw, self.mw.eps)
 
