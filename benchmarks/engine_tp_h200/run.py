@@ -3,6 +3,9 @@
     source .devkit/setup.sh
     for N in 1 2 4; do torchrun --standalone --nproc_per_node $N benchmarks/engine_tp_h200/run.py --out $OUT/tp; done
 
+Without CUDA the same script runs on gloo with a tiny g = 8 model (TP up to 8 on both paths;
+CPU times are not GPU figures: this shows the per-rank cache bytes and that every TP runs).
+
 The ~1B model of ../engine_decode_h200 (gqla_1b shapes, h_q 16, g 4, random bf16 weights, the
 same on every rank: seeded generator), decode steps at a pre-filled random context
 (``fill_random_context``, benchmark only) for each path, TP = world size, CUDA graphs when the
@@ -48,11 +51,21 @@ def main():
 
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    mw, cfg, recipe, n_params = eb.model_1b(dev, dtype, smoke=not cuda)
+    if cuda:
+        mw, cfg, recipe, n_params = eb.model_1b(dev, dtype)
+    else:  # CPU (gloo): a tiny model with g = 8 so that TP = 8 runs both paths
+        from gqla_megatron.config import GQLAConfig
+        from gqla_megatron.testing import random_model_weights
+
+        cfg = GQLAConfig(hidden_size=128, num_attention_heads=16, num_query_groups=8, kv_lora_rank=64,
+                         qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16, q_lora_rank=None)
+        mw = random_model_weights(cfg, vocab=256, layers=2, seed=0)
     table = roofline.get_device("H200")
     for path in ("absorb", "gqa"):
         for batch in a.batch:
-            row = {"tp": world, "path": path, "batch": batch, "context": a.context}
+            row = {"tp": world, "path": path, "batch": batch, "context": a.context, "device": str(dev.type),
+                   "auto_choice": roofline.choose_decode_path(cfg, table, s_q=1, batch=batch, context=a.context,
+                                                              dtype_bytes=2, tp=world).path}
             for graphs in (True, False):
                 eng = None
                 try:
