@@ -116,9 +116,11 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
     return final
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler) -> int:
+def load_checkpoint(root: str, model, optimizer, scheduler, *, finetune: bool = False) -> int:
     """Load the latest complete checkpoint under ``root``; returns its iteration. RNG states are
-    restored when the world size matches the saving run's."""
+    restored when the world size matches the saving run's. ``finetune`` (Megatron-LM's
+    --finetune), or a model-only checkpoint (gqla-convert output, ``"model_only": true`` in its
+    state): load the weights only, keep the fresh optimizer and LR schedule, start at 0."""
     from megatron.core import dist_checkpointing
 
     model = unwrap(model)
@@ -129,6 +131,14 @@ def load_checkpoint(root: str, model, optimizer, scheduler) -> int:
     with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
     model_sd = _model_sharded_state_dict(model)
+    if finetune or state.get("model_only"):
+        loaded = dist_checkpointing.load({"model": model_sd}, path)
+        model.load_state_dict(loaded["model"])
+        if dist.get_rank() == 0:
+            why = "--finetune" if finetune else "a model-only checkpoint"
+            print(f"gqla-pretrain: loaded the weights of {path} ({why}); optimizer, LR schedule and "
+                  f"data position start fresh at iteration 0", flush=True)
+        return 0
     sharded = {"model": model_sd,
                "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_METADATA)}
     loaded = dist_checkpointing.load(sharded, path)

@@ -18,6 +18,7 @@ Flag names are Megatron-LM's; a recipe sets defaults that explicit flags overrid
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="named run recipe")
-    g.add_argument("--attention", choices=("gqla", "mla", "gqa"), default="gqla",
+    g.add_argument("--attention", choices=("gqla", "mla", "gqa"), default=None,
                    help="attention of the model (mla/gqa: same-shape baselines)")
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default=None,
                    help="layer spec backend (recipe default)")
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in MODEL_FLAGS:
         m.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=name)
     m.add_argument("--mtp-num-layers", type=int, default=None, help="multi-token prediction depth")
+    m.add_argument("--rotary-base", type=float, default=None, help="RoPE base (default 10000)")
+    m.add_argument("--norm-epsilon", type=float, default=None, help="RMSNorm epsilon (default 1e-5)")
+    m.add_argument("--qk-layernorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMSNorm on the q/kv latents (GQLA/MLA; default on; TransGQLA output has none)")
     par = p.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=None, help="TP size")
     par.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="PP size")
@@ -87,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default=None, help="checkpoint directory")
     c.add_argument("--load", default=None, help="resume from this directory's latest checkpoint")
     c.add_argument("--save-interval", type=int, default=None, help="iterations between saves")
+    c.add_argument("--finetune", action="store_true",
+                   help="load only the weights from --load (fresh optimizer, schedule, iteration 0)")
+    c.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape (and attention, RoPE base, norms) from --load's run args")
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-interval", type=int, default=None, help="iterations between log lines")
     lg.add_argument("--wandb-project", default=None, help="W&B project (WANDB_MODE=offline works offline)")
@@ -99,18 +108,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CHECKPOINT_ARGS = MODEL_FLAGS + ("attention", "rotary_base", "qk_layernorm", "mtp_num_layers")
+
+
+def _apply_checkpoint_args(args) -> None:
+    """--use-checkpoint-args: model fields the user did not give come from the run args stored
+    with --load's latest checkpoint (gqla-pretrain and gqla-convert write them)."""
+    from gqla_megatron.training.checkpoint import STATE, iter_dir, read_latest
+
+    if not args.load:
+        raise ValueError("--use-checkpoint-args needs --load")
+    if not os.path.isdir(args.load) or read_latest(args.load) is None:
+        raise ValueError(f"--load {args.load}: not a checkpoint directory (no latest_checkpointed_iteration.txt)")
+    with open(os.path.join(iter_dir(args.load, read_latest(args.load)), STATE)) as f:
+        saved = json.load(f)["args"]
+    for k in CHECKPOINT_ARGS:
+        if k in saved and getattr(args, k, None) is None:
+            setattr(args, k, saved[k])
+    if getattr(args, "norm_epsilon", None) is None and "layernorm_epsilon" in saved:
+        args.norm_epsilon = saved["layernorm_epsilon"]
+
+
 def resolve_args(argv=None) -> argparse.Namespace:
     """Parse, fill recipe defaults, validate everything that can be checked before work."""
     args = build_parser().parse_args(argv)
+    if args.use_checkpoint_args:
+        _apply_checkpoint_args(args)
     recipe = get_recipe(args.recipe)
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     defaults = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
-                    mtp_num_layers=None, transformer_impl="local")
+                    mtp_num_layers=None, transformer_impl="local", attention="gqla", rotary_base=10000.0,
+                    norm_epsilon=1e-5)
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.qk_layernorm is None:  # latent norms: GQLA / MLA only (the GQA baseline has none)
+        args.qk_layernorm = args.attention != "gqa"
     validate(args)
     return args
 
@@ -130,6 +165,8 @@ def validate(args) -> None:
     if args.attention != "mla" and args.num_query_groups % tp:
         raise ValueError(f"--tensor-model-parallel-size ({tp}) must divide --num-query-groups "
                          f"({args.num_query_groups})")
+    if args.attention == "gqa" and args.qk_layernorm:
+        raise ValueError("--qk-layernorm: the GQA baseline has no latents to normalise")
     if args.num_layers % pp:
         raise ValueError(f"--pipeline-model-parallel-size ({pp}) must divide --num-layers ({args.num_layers})")
     if args.fp8_format:

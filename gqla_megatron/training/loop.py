@@ -36,7 +36,7 @@ def _common_config(args, cuda: bool) -> dict:
         sequence_parallel=bool(args.sequence_parallel), params_dtype=dtype, bf16=bool(args.bf16),
         pipeline_dtype=dtype if args.pipeline_model_parallel_size > 1 else None,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02, layernorm_epsilon=1e-5,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02, layernorm_epsilon=args.norm_epsilon,
         use_cpu_initialization=not cuda, gradient_accumulation_fusion=False,  # needs apex for the LM head
         bias_activation_fusion=cuda, bias_dropout_fusion=cuda, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, mtp_num_layers=args.mtp_num_layers,
@@ -100,9 +100,11 @@ def pretrain(args) -> list:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     dp_group = ps.get_data_parallel_group()
 
-    config = transformer_config(args.attention, _common_config(args, cuda), _shape(args))
+    config = transformer_config(args.attention, _common_config(args, cuda), _shape(args),
+                                rotary_base=args.rotary_base, qk_layernorm=args.qk_layernorm)
     backend = "te" if args.transformer_impl == "transformer_engine" else "local"
     model = build_model(args.attention, config, vocab_size=args.vocab_size, seq_length=args.seq_length,
+                        rotary_base=args.rotary_base,
                         backend=backend)
     if args.init_layout_invariant:
         from gqla_megatron.training.init import layout_invariant_init_
@@ -151,7 +153,7 @@ def pretrain(args) -> list:
 
     start = 0
     if args.load:
-        start = ckpt.load_checkpoint(args.load, model, optimizer, scheduler)
+        start = ckpt.load_checkpoint(args.load, model, optimizer, scheduler, finetune=args.finetune)
     data = make_data(start)
 
     def forward_step(data_iterator, model):

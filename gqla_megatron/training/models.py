@@ -20,16 +20,19 @@ from gqla_megatron.megatron.spec import get_gqla_layer_spec
 ATTENTIONS = ("gqla", "mla", "gqa")
 
 
-def transformer_config(attention: str, common: dict, shape: dict):
+def transformer_config(attention: str, common: dict, shape: dict, *, rotary_base: float = 10000.0,
+                       qk_layernorm: bool = True):
     """Megatron config for one attention kind. ``common``: TransformerConfig fields;
     ``shape``: GQLA dims (num_query_groups, kv_lora_rank, q_lora_rank, qk_head_dim,
-    qk_pos_emb_head_dim, v_head_dim)."""
+    qk_pos_emb_head_dim, v_head_dim); ``rotary_base`` / ``qk_layernorm`` (latent norms) apply to
+    the latent attentions (GQA's RoPE base goes to ``build_model``)."""
     if attention == "gqla":
-        return GQLATransformerConfig(**common, **shape)
+        return GQLATransformerConfig(**common, **shape, rotary_base=rotary_base, qk_layernorm=qk_layernorm)
     if attention == "mla":
         mla = dict(shape, num_query_groups=None)
         return MLATransformerConfig(**common, **mla, rope_type="rope", rotary_scaling_factor=1.0,
-                                    qk_layernorm=True, normalization="RMSNorm")
+                                    qk_layernorm=qk_layernorm, normalization="RMSNorm",
+                                    rotary_base=rotary_base)
     if attention == "gqa":
         names = {f.name for f in fields(TransformerConfig)}
         return TransformerConfig(**{k: v for k, v in common.items() if k in names},
@@ -38,8 +41,10 @@ def transformer_config(attention: str, common: dict, shape: dict):
     raise ValueError(f"--attention must be one of {ATTENTIONS}, got {attention!r}")
 
 
-def build_model(attention: str, config, *, vocab_size: int, seq_length: int, backend: str) -> GPTModel:
-    """GPTModel for this pipeline stage. backend: 'local' or 'te'."""
+def build_model(attention: str, config, *, vocab_size: int, seq_length: int, backend: str,
+                rotary_base: float = None) -> GPTModel:
+    """GPTModel for this pipeline stage. backend: 'local' or 'te'; ``rotary_base``: the GQA
+    baseline's RoPE base (the latent attentions take theirs from the config)."""
     if attention == "gqla":
         return build_gqla_gpt_model(config, vocab_size=vocab_size, max_sequence_length=seq_length,
                                     backend=backend)
@@ -47,7 +52,7 @@ def build_model(attention: str, config, *, vocab_size: int, seq_length: int, bac
     if attention == "mla":
         # Same layer as GQLA's (norms, MLP, core attention) with Megatron's per-head MLA module:
         # the comparison isolates the attention. Note: Megatron's MLA carries upstream #1699.
-        layer = get_gqla_layer_spec(backend, qk_layernorm=True)
+        layer = get_gqla_layer_spec(backend, qk_layernorm=config.qk_layernorm)
         layer.submodules.self_attention.module = MLASelfAttention
     else:
         layer = (get_gpt_layer_with_transformer_engine_spec() if te
@@ -59,7 +64,7 @@ def build_model(attention: str, config, *, vocab_size: int, seq_length: int, bac
                     pre_process=parallel_state.is_pipeline_first_stage(),
                     post_process=parallel_state.is_pipeline_last_stage(),
                     position_embedding_type="rope", mtp_block_spec=mtp,
-                    rotary_base=int(config.rotary_base) if hasattr(config, "rotary_base") else 10000)
+                    rotary_base=int(getattr(config, "rotary_base", None) or rotary_base or 10000))
 
 
 def flops_per_iteration(attention: str, a, tokens: int) -> float:

@@ -298,3 +298,39 @@ def test_same_shape_baselines_train(attention, tmp_path):
     assert f"gqla-pretrain: {attention} tiny_cpu" in r.stdout
     rows = losses(out)
     assert len(rows) == 4 and rows[-1][1] < rows[0][1]
+
+
+def test_finetune_a_converted_checkpoint_with_checkpoint_args(tmp_path):
+    """gqla-pretrain --attention gqa -> gqla-convert (lossless: r = all, d_r = head dim) ->
+    gqla-pretrain --use-checkpoint-args --load <converted>: the model-only checkpoint loads (fresh
+    optimizer, iteration 0), the shape/RoPE/norm settings come from the checkpoint, and the first
+    loss equals the GQA source's on the same batch (--finetune of the source, lr 0)."""
+    src, conv = tmp_path / "gqa", tmp_path / "gqla"
+    r = run(["--recipe", "tiny_cpu", "--mock-data", "--attention", "gqa", "--train-iters", "4",
+             "--save", str(src), "--save-interval", "4"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    calib = str(tmp_path / "calib_text_document")
+    b = IndexedDatasetBuilder(calib + ".bin", dtype=np.int32)
+    for doc in np.random.default_rng(0).integers(0, 256, (4, 40)).astype(np.int32):
+        b.add_document(torch.from_numpy(doc), [40])
+    b.finalize(calib + ".idx")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "convert_gqla.py"), "gqa-to-gqla", "--load",
+                        str(src), "--save", str(conv), "--kv-lora-rank", "none", "--qk-pos-emb-head-dim", "16",
+                        "--calib-data", calib, "--calib-samples", "2", "--calib-seq-length", "16", "--no-progress"],
+                       capture_output=True, text=True, timeout=600, env=env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = {}
+    for name, extra in (("source", ["--attention", "gqa", "--load", str(src), "--finetune"]),
+                        ("converted", ["--use-checkpoint-args", "--load", str(conv)])):
+        m = tmp_path / f"{name}.jsonl"
+        r = run(["--recipe", "tiny_cpu", "--mock-data", "--train-iters", "2", "--lr", "0", "--min-lr", "0",
+                 "--lr-warmup-iters", "0", "--metrics-file", str(m), *extra])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "start fresh at iteration 0" in r.stdout
+        first[name] = losses(m)[0]
+    assert first["source"][0] == first["converted"][0] == 1
+    assert abs(first["source"][1] - first["converted"][1]) < 1e-4 * abs(first["source"][1]), first
