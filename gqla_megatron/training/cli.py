@@ -192,6 +192,8 @@ def validate(args) -> None:
     if args.engine == "deepspeed" and (pp > 1 or args.sequence_parallel):
         raise ValueError("--engine deepspeed supports neither --pipeline-model-parallel-size > 1 "
                          "nor --sequence-parallel")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr ({args.min_lr}) must be <= --lr ({args.lr})")
     if args.train_iters <= 0:
         raise ValueError(f"--train-iters must be > 0, got {args.train_iters}")
     if not 0 <= args.lr_warmup_iters < args.train_iters:
