@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layout", choices=("gqla", "deepseek_v3"), default="gqla", help="HF layout")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="written dtype")
 
-    m = sub.add_parser("mla-to-gqla", help="MLA (dense DeepSeek-V3-layout HF dir) -> GQLA (HF gqla layout)")
-    m.add_argument("--hf", required=True, help="dense DeepSeek-V2/V3-layout HF directory (per-head kv_b_proj)")
+    m = sub.add_parser("mla-to-gqla", help="MLA (Megatron or dense DeepSeek-V3-layout HF) -> GQLA (HF gqla layout)")
+    msrc = m.add_mutually_exclusive_group(required=True)
+    msrc.add_argument("--load", help="Megatron MLA checkpoint (gqla-pretrain --attention mla, torch_dist)")
+    msrc.add_argument("--hf", help="dense DeepSeek-V2/V3-layout HF directory (per-head kv_b_proj)")
     m.add_argument("--save", required=True, help="output HF directory in the gqla layout (must not exist)")
     m.add_argument("--num-query-groups", type=int, required=True, help="g, groups sharing one K/V up-projection")
     m.add_argument("--grouping", choices=("neighbor", "similarity"), default="neighbor",
@@ -363,16 +365,25 @@ def cmd_export_hf(a) -> int:
 
 
 def cmd_mla_to_gqla(a) -> int:
-    """HF DeepSeek-V3-layout MLA -> GQLA with g groups (per-group PCA, residual absorbed into the
-    query and output projections), written as an HF directory in the gqla layout with
-    conversion_report.json beside the weights."""
+    """Megatron MLA checkpoint or HF DeepSeek-V3-layout MLA -> GQLA with g groups (per-group PCA,
+    residual absorbed into the query and output projections), written as an HF directory in the
+    gqla layout with conversion_report.json beside the weights."""
     import json
 
     from gqla_megatron.conversion import hf
     from gqla_megatron.conversion import mla_to_gqla as m2g
 
     _check_new_output(a.save)
-    mw, cfg, tok_path = hf.load_hf_mla(a.hf)
+    if a.load:
+        from gqla_megatron.conversion import megatron_io as mio
+
+        mw, cfg, args = mio.read_gqla_checkpoint(a.load, allow_mla=True)
+        if args.get("attention") != "mla":
+            raise ValueError(f"--load {a.load}: a {args.get('attention')!r} checkpoint; mla-to-gqla reads MLA")
+        tok_path = os.path.join(a.load, "tokenizer.json")
+        tok_path = tok_path if os.path.isfile(tok_path) else None
+    else:
+        mw, cfg, tok_path = hf.load_hf_mla(a.hf)
     if a.num_query_groups < 1 or cfg.num_attention_heads % a.num_query_groups:
         raise ValueError(f"--num-query-groups {a.num_query_groups} must divide the {cfg.num_attention_heads} heads")
     tok_path = a.tokenizer or tok_path

@@ -700,10 +700,13 @@ class LegacySource(_KeyedSource):
         return out
 
 
-def read_gqla_checkpoint(path: str):
+def read_gqla_checkpoint(path: str, *, allow_mla: bool = False):
     """(reference ModelWeights float32, GQLAConfig, args) of a GQLA torch_dist checkpoint written by
     gqla-convert or gqla-pretrain (any saved TP: global tensors), read without Megatron.
-    Uses the args' qk_layernorm / rotary_base / layernorm_epsilon (defaults: gqla-pretrain's)."""
+    Uses the args' qk_layernorm / rotary_base / layernorm_epsilon (defaults: gqla-pretrain's).
+    ``allow_mla``: also read gqla-pretrain ``--attention mla`` checkpoints (Megatron's
+    MLASelfAttention), which are GQLA with one group per head (g = h_q): the same parameter
+    names, ``linear_kv_up_proj`` holding one [K ; V] block per head."""
     from torch.distributed.checkpoint import FileSystemReader
 
     from gqla_megatron.config import GQLAConfig
@@ -713,8 +716,11 @@ def read_gqla_checkpoint(path: str):
     args = _read_state_args(ckpt)
     if args is None:
         raise ValueError(f"{ckpt}: no {STATE} with 'args' (not a gqla-pretrain / gqla-convert checkpoint)")
-    if args.get("attention", "gqla") != "gqla":
-        raise ValueError(f"{ckpt}: a {args['attention']!r} checkpoint, not GQLA")
+    attention = args.get("attention", "gqla")
+    if attention == "mla" and allow_mla:
+        args = dict(args, num_query_groups=args["num_attention_heads"])
+    elif attention != "gqla":
+        raise ValueError(f"{ckpt}: a {attention!r} checkpoint, not GQLA" + (" or MLA" if allow_mla else ""))
     if not os.path.isfile(os.path.join(ckpt, ".metadata")):
         raise ValueError(f"{ckpt}: not a torch_dist checkpoint (no .metadata)")
     reader = FileSystemReader(ckpt)

@@ -498,3 +498,49 @@ def test_import_gguf_then_convert_then_export_hf(tmp_path, capsys):
     tok = torch.randint(0, TINY["V"], (2, 10), generator=torch.Generator().manual_seed(1))
     assert_close_report("export-hf round trip", rm.forward(tok, mw2.to(torch.float32), gcfg2),
                         rm.forward(tok, mw, gcfg), rel_l2=FP32_PARITY)
+
+
+def test_mla_to_gqla_from_a_megatron_mla_checkpoint(calib_prefix, tmp_path, capsys):
+    """gqla-pretrain --attention mla (Megatron's MLASelfAttention) -> read as GQLA with g = h_q
+    (checked against the Megatron MLA model's logits) -> gqla-convert mla-to-gqla --load at full
+    rank into 4 groups: the same logits."""
+    import subprocess
+    import sys
+
+    from megatron.core import dist_checkpointing
+
+    from gqla_megatron.conversion import hf
+    from gqla_megatron.testing import model_parallel
+    from gqla_megatron.training.models import build_model, transformer_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    src = str(tmp_path / "mla")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, os.path.join(root, "pretrain", "pretrain_gqla.py"), "--recipe", "tiny_cpu",
+                        "--mock-data", "--attention", "mla", "--train-iters", "3", "--save", src,
+                        "--save-interval", "3"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mw, cfg, args = mio.read_gqla_checkpoint(src, allow_mla=True)
+    assert args["attention"] == "mla" and cfg.num_query_groups == cfg.num_attention_heads == 8
+    tok = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = rm.forward(tok, mw, cfg)
+    with model_parallel(1, 1):
+        common = mio._megatron_common(2, 64, 128, 8, torch.float32, 1e-5)
+        config = transformer_config("mla", common, dict(num_query_groups=4, kv_lora_rank=32, q_lora_rank=None,
+                                                        qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16))
+        model = build_model("mla", config, vocab_size=256, seq_length=64, backend="local")
+        ckpt = os.path.join(src, "iter_0000003")
+        model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)["model"])
+        with torch.no_grad():
+            got = model(tok, torch.arange(tok.shape[1])[None].expand_as(tok), None)
+    _assert_close("Megatron MLA vs MLA read as GQLA (g = h_q)", got, expected, rel_l2=FP32_PARITY)
+    out = str(tmp_path / "gqla4")
+    rc, err = run_cli(["mla-to-gqla", "--load", src, "--save", out, "--num-query-groups", "4", "--qk-head-dim", "32",
+                       "--v-head-dim", "32", "--calib-data", calib_prefix, "--calib-samples", "4",
+                       "--calib-seq-length", "16"], capsys)
+    assert rc == 0, err
+    gmw, gcfg, _ = hf.load_hf_gqla(out)
+    assert gcfg.num_query_groups == 4
+    _assert_close("mla-to-gqla --load (full rank) vs MLA", rm.forward(tok, gmw, gcfg), expected, rel_l2=1e-5)
