@@ -96,11 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layout", choices=("gqla", "deepseek_v3"), default="gqla", help="HF layout")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="written dtype")
 
-    m = sub.add_parser("mla-to-gqla", help="MLA (Megatron or dense DeepSeek-V3-layout HF) -> GQLA (HF gqla layout)")
+    m = sub.add_parser("mla-to-gqla", help="MLA (Megatron or dense DeepSeek-V3-layout HF) -> GQLA (Megatron or HF)")
     msrc = m.add_mutually_exclusive_group(required=True)
     msrc.add_argument("--load", help="Megatron MLA checkpoint (gqla-pretrain --attention mla, torch_dist)")
     msrc.add_argument("--hf", help="dense DeepSeek-V2/V3-layout HF directory (per-head kv_b_proj)")
-    m.add_argument("--save", required=True, help="output HF directory in the gqla layout (must not exist)")
+    m.add_argument("--save", required=True, help="output directory (must not exist)")
+    m.add_argument("--format", choices=("megatron", "hf"), default="megatron",
+                   help="megatron: gqla-pretrain torch_dist checkpoint (+ gqla_config.json, report); "
+                        "hf: safetensors in the HF gqla layout")
     m.add_argument("--num-query-groups", type=int, required=True, help="g, groups sharing one K/V up-projection")
     m.add_argument("--grouping", choices=("neighbor", "similarity"), default="neighbor",
                    help="contiguous heads, or heads clustered by their K/V subspace similarity")
@@ -396,11 +399,22 @@ def cmd_mla_to_gqla(a) -> int:
                                            grouping=a.grouping, qk_head_dim=a.qk_head_dim,
                                            v_head_dim=a.v_head_dim, hessian_weighting=a.hessian_weighting)
     dtype = None if a.dtype == "auto" else DTYPES[a.dtype]
-    hf.save_hf_gqla(a.save, gmw, gcfg, layout="gqla", dtype=dtype, tokenizer_path=tok_path)
-    with open(os.path.join(a.save, "conversion_report.json"), "w") as f:  # inside the renamed dir
-        json.dump(rep.to_dict(), f, indent=1)
+    report = json.dumps(rep.to_dict(), indent=1, default=str)
+    if a.format == "megatron":
+        from gqla_megatron.conversion import megatron_io as mio
+
+        seq = int(args.get("seq_length", 4096)) if a.load else 4096
+        mio.save_gqla_model(gmw, gcfg, a.save, seq_length=seq, dtype=dtype or torch.float32,
+                            extra_args={"converted_from": f"MLA {a.load or a.hf}"},
+                            root_files={"gqla_config.json": json.dumps({"gqla_config": gcfg.to_dict()}, indent=1),
+                                        "conversion_report.json": report},
+                            copy_files={"tokenizer.json": tok_path} if tok_path else None)
+    else:
+        hf.save_hf_gqla(a.save, gmw, gcfg, layout="gqla", dtype=dtype, tokenizer_path=tok_path)
+        with open(os.path.join(a.save, "conversion_report.json"), "w") as f:  # inside the renamed dir
+            f.write(report)
     print(rep.summary())
-    print(f"gqla-convert: wrote {a.save} (HF gqla layout, g={a.num_query_groups}, {a.grouping} grouping)")
+    print(f"gqla-convert: wrote {a.save} ({a.format}, g={a.num_query_groups}, {a.grouping} grouping)")
     return 0
 
 

@@ -918,6 +918,38 @@ class GPTCheckpointWriter:
         return out_dir
 
 
+def save_gqla_model(mw, cfg, out_dir: str, *, seq_length: int, dtype: torch.dtype = torch.float32,
+                    extra_args: Optional[dict] = None, root_files: Optional[Dict[str, str]] = None,
+                    copy_files: Optional[Dict[str, str]] = None) -> str:
+    """Reference GQLA ModelWeights + GQLAConfig -> a gqla-pretrain torch_dist checkpoint (model
+    only, local-spec names, loadable at any TP/PP), written atomically."""
+    from gqla_megatron.megatron import adapters
+
+    if mw.mtp:
+        raise ValueError("the model has MTP layers; writing them is not supported by this writer")
+    if abs(mw.eps - cfg.layernorm_epsilon) > 1e-12:
+        raise ValueError(f"Megatron uses one norm epsilon; the model's ({mw.eps}) and the latent norms' "
+                         f"({cfg.layernorm_epsilon}) differ")
+    L, vocab = len(mw.layers), mw.embedding.shape[0]
+    F = mw.layers[0].W_fc2.shape[1]
+    with GPTCheckpointWriter("gqla", num_layers=L, hidden_size=cfg.hidden_size, ffn_hidden_size=F,
+                             num_attention_heads=cfg.num_attention_heads, vocab_size=vocab, seq_length=seq_length,
+                             dtype=dtype, eps=mw.eps, rotary_base=cfg.rotary_base, gqla=cfg) as wr:
+        wr.put({EMBEDDING: mw.embedding, FINAL_NORM: mw.final_norm, OUTPUT: mw.output})
+        for i, lw in enumerate(mw.layers):
+            wr.put(adapters.layer_from_reference(lw, f"decoder.layers.{i}.", cfg, backend="local"))
+        args = dict(attention="gqla", num_layers=L, hidden_size=cfg.hidden_size, ffn_hidden_size=F,
+                    num_attention_heads=cfg.num_attention_heads, vocab_size=vocab, seq_length=seq_length,
+                    tensor_model_parallel_size=1, pipeline_model_parallel_size=1, transformer_impl="local",
+                    bf16=dtype == torch.bfloat16, mtp_num_layers=None, rotary_base=cfg.rotary_base,
+                    layernorm_epsilon=cfg.layernorm_epsilon, untie_embeddings_and_output_weights=True,
+                    num_query_groups=cfg.num_query_groups, kv_lora_rank=cfg.kv_lora_rank,
+                    q_lora_rank=cfg.q_lora_rank, qk_head_dim=cfg.qk_head_dim,
+                    qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim, v_head_dim=cfg.v_head_dim,
+                    qk_layernorm=cfg.qk_layernorm, **(extra_args or {}))
+        return wr.save(out_dir, args=args, root_files=root_files, copy_files=copy_files)
+
+
 def _base_args(attention: str, cfg: GQAModelConfig, *, seq_length: int, dtype: torch.dtype,
                tp: int, pp: int) -> dict:
     """gqla-pretrain style args of a written checkpoint (MODEL_FLAGS + layout + extras that

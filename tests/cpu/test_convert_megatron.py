@@ -536,11 +536,19 @@ def test_mla_to_gqla_from_a_megatron_mla_checkpoint(calib_prefix, tmp_path, caps
         with torch.no_grad():
             got = model(tok, torch.arange(tok.shape[1])[None].expand_as(tok), None)
     _assert_close("Megatron MLA vs MLA read as GQLA (g = h_q)", got, expected, rel_l2=FP32_PARITY)
-    out = str(tmp_path / "gqla4")
-    rc, err = run_cli(["mla-to-gqla", "--load", src, "--save", out, "--num-query-groups", "4", "--qk-head-dim", "32",
-                       "--v-head-dim", "32", "--calib-data", calib_prefix, "--calib-samples", "4",
-                       "--calib-seq-length", "16"], capsys)
-    assert rc == 0, err
-    gmw, gcfg, _ = hf.load_hf_gqla(out)
-    assert gcfg.num_query_groups == 4
-    _assert_close("mla-to-gqla --load (full rank) vs MLA", rm.forward(tok, gmw, gcfg), expected, rel_l2=1e-5)
+    for fmt in ("megatron", "hf"):
+        out = str(tmp_path / f"gqla4_{fmt}")
+        rc, err = run_cli(["mla-to-gqla", "--load", src, "--save", out, "--num-query-groups", "4", "--qk-head-dim",
+                           "32", "--v-head-dim", "32", "--calib-data", calib_prefix, "--calib-samples", "4",
+                           "--calib-seq-length", "16", "--format", fmt], capsys)
+        assert rc == 0, err
+        gmw, gcfg = (mio.read_gqla_checkpoint(out) if fmt == "megatron" else hf.load_hf_gqla(out))[:2]
+        assert gcfg.num_query_groups == 4
+        _assert_close(f"mla-to-gqla --load --format {fmt} (full rank) vs MLA", rm.forward(tok, gmw, gcfg),
+                      expected, rel_l2=1e-5)
+        if fmt == "megatron":  # gqla-serve's loader reads it too
+            from gqla_megatron.inference.loader import load_checkpoint
+
+            smw, scfg, _, _ = load_checkpoint(out)
+            _assert_close("serve loader on the mla-to-gqla output", rm.forward(tok, smw, scfg), expected,
+                          rel_l2=1e-5)

@@ -302,7 +302,7 @@ def test_mla_to_gqla_cli_regroups_a_deepseek_layout_dir(tmp_path, capsys):
     b.finalize(prefix + ".idx")
     out = str(tmp_path / "gqla")
     argv = ["mla-to-gqla", "--hf", src, "--save", out, "--num-query-groups", "2", "--calib-data", prefix,
-            "--calib-samples", "4", "--calib-seq-length", "16"]
+            "--calib-samples", "4", "--calib-seq-length", "16", "--format", "hf"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     back, bcfg, _ = hf.load_hf_gqla(out)
     assert bcfg.num_query_groups == 2 and os.path.isfile(os.path.join(out, "conversion_report.json"))
