@@ -589,6 +589,16 @@ def _take_query(st, a: str, cfg: GQLAConfig, *, with_norm: bool):
             st.take(a + "q_b_proj.weight", (rows, Q)))
 
 
+def _take_layer(st, p: str, attn, D: int, F: int) -> rm.LayerWeights:
+    """One decoder layer around ``attn``: the two RMSNorms and the SwiGLU MLP (Megatron's fc1
+    rows [gate ; up])."""
+    gate = st.take(p + "mlp.gate_proj.weight", (F, D))
+    up = st.take(p + "mlp.up_proj.weight", (F, D))
+    return rm.LayerWeights(input_norm=st.take(p + "input_layernorm.weight", (D,)), attn=attn,
+                           mlp_norm=st.take(p + "post_attention_layernorm.weight", (D,)),
+                           W_fc1=torch.cat([gate, up], 0), W_fc2=st.take(p + "mlp.down_proj.weight", (D, F)))
+
+
 def load_hf_gqla(model_dir: str, *, dtype: Optional[torch.dtype] = None
                  ) -> Tuple[rm.ModelWeights, GQLAConfig, Optional[str]]:
     """Read a layout="gqla" directory written by save_hf_gqla: (ModelWeights, GQLAConfig,
@@ -609,12 +619,7 @@ def load_hf_gqla(model_dir: str, *, dtype: Optional[torch.dtype] = None
                                W_UKV=st.take(a + "kv_b_proj.weight", (G * (N + V), C)),
                                W_O=st.take(a + "o_proj.weight", (D, H * V)), W_DQ=W_DQ,
                                q_norm=q_norm, kv_norm=kv_norm)
-        gate = st.take(p + "mlp.gate_proj.weight", (F, D))
-        up = st.take(p + "mlp.up_proj.weight", (F, D))
-        layers.append(rm.LayerWeights(
-            input_norm=st.take(p + "input_layernorm.weight", (D,)), attn=attn,
-            mlp_norm=st.take(p + "post_attention_layernorm.weight", (D,)),
-            W_fc1=torch.cat([gate, up], 0), W_fc2=st.take(p + "mlp.down_proj.weight", (D, F))))
+        layers.append(_take_layer(st, p, attn, D, F))
     final_norm = st.take("model.norm.weight", (D,))
     if tied:
         if st.has("lm_head.weight"):
@@ -695,12 +700,7 @@ def load_hf_mla(model_dir: str, *, dtype: Optional[torch.dtype] = torch.float32
                                W_UKV=st.take(a + "kv_b_proj.weight", (H * (N + V), C)),
                                W_O=st.take(a + "o_proj.weight", (D, H * V)), W_DQ=W_DQ,
                                q_norm=q_norm, kv_norm=st.take(a + "kv_a_layernorm.weight", (C,)))
-        gate = st.take(p + "mlp.gate_proj.weight", (F, D))
-        up = st.take(p + "mlp.up_proj.weight", (F, D))
-        layers.append(rm.LayerWeights(
-            input_norm=st.take(p + "input_layernorm.weight", (D,)), attn=attn,
-            mlp_norm=st.take(p + "post_attention_layernorm.weight", (D,)),
-            W_fc1=torch.cat([gate, up], 0), W_fc2=st.take(p + "mlp.down_proj.weight", (D, F))))
+        layers.append(_take_layer(st, p, attn, D, F))
     final_norm = st.take("model.norm.weight", (D,))
     if tied:
         if st.has("lm_head.weight"):
