@@ -313,6 +313,21 @@ def attention_expanded(x_BSD: Tensor, w: GQLAWeights, cfg: GQLAConfig, start_pos
 # ----------------------------------------------------------------------------------------
 # 2. MQA-absorb decode
 # ----------------------------------------------------------------------------------------
+def absorb_query(q_nope_BSHN: Tensor, W_UK_GNC: Tensor) -> Tensor:
+    """Fold W_UK into the content queries, once per group: qabs[b,s,g,m,:] = W_UK^(g)^T
+    qC[b,s,g*M+m,:]. Returns (B, S, G, M, C)."""
+    B, S, H, _ = q_nope_BSHN.shape
+    G = W_UK_GNC.shape[0]
+    return torch.einsum("bsgmn,gnc->bsgmc", q_nope_BSHN.reshape(B, S, G, H // G, -1), W_UK_GNC)
+
+
+def absorb_output(o_lat_BSGMC: Tensor, W_UV_GVC: Tensor) -> Tensor:
+    """Apply W_UV per group to the attention output over the latent: (B, S, G, M, C) ->
+    per-head values (B, S, H, V)."""
+    B, S, G, M, _ = o_lat_BSGMC.shape
+    return torch.einsum("bsgmc,gvc->bsgmv", o_lat_BSGMC, W_UV_GVC).reshape(B, S, G * M, -1)
+
+
 def decode_absorb(x_BSD: Tensor, cache: LatentCache, w: GQLAWeights, cfg: GQLAConfig
                   ) -> tuple[Tensor, LatentCache]:
     """Decode S >= 1 new tokens (s_q = S, causal among them) on the MQA-absorb path.
@@ -324,21 +339,19 @@ def decode_absorb(x_BSD: Tensor, cache: LatentCache, w: GQLAWeights, cfg: GQLACo
     """
     B, S, _ = x_BSD.shape
     T0 = cache.length
-    H, G, M = cfg.num_attention_heads, cfg.num_query_groups, cfg.heads_per_group
+    G, M = cfg.num_query_groups, cfg.heads_per_group
     pos = _positions(T0, S, x_BSD.device)
     c_new, kr_new = project_latent(x_BSD, w, cfg, pos)
     new = LatentCache(torch.cat([cache.c_BTC, c_new], 1), torch.cat([cache.k_rope_BTR, kr_new], 1))
     q_nope_BSHN, q_rope_BSHR = project_queries(x_BSD, w, cfg, pos)
-    # absorb W_UK per group: qabs[b,s,g,m,:] = W_UK^(g)^T qC[b,s,g*M+m,:]
-    q_abs_BSGMC = torch.einsum("bsgmn,gnc->bsgmc", q_nope_BSHN.view(B, S, G, M, -1), w.W_UK(cfg))
+    q_abs_BSGMC = absorb_query(q_nope_BSHN, w.W_UK(cfg))
     q_rope_BSGMR = q_rope_BSHR.view(B, S, G, M, -1)
     scores = (torch.einsum("bsgmc,btc->bgmst", q_abs_BSGMC, new.c_BTC)
               + torch.einsum("bsgmr,btr->bgmst", q_rope_BSGMR, new.k_rope_BTR)) * cfg.softmax_scale
     allowed = _causal_mask(S, T0 + S, pos, torch.arange(T0 + S, device=x_BSD.device))
     p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     o_lat_BSGMC = torch.einsum("bgmst,btc->bsgmc", p, new.c_BTC)
-    o_BSGMV = torch.einsum("bsgmc,gvc->bsgmv", o_lat_BSGMC, w.W_UV(cfg))
-    return _output(o_BSGMV.reshape(B, S, H, -1), w), new
+    return _output(absorb_output(o_lat_BSGMC, w.W_UV(cfg)), w), new
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor
 
+from gqla_megatron import reference as ref
 from gqla_megatron.config import GQLAConfig
 from gqla_megatron.reference import GQLAWeights
 
@@ -57,14 +58,14 @@ class TorchAbsorb(DecodeBackend):
     def attend(self, prep, q_nope, q_rope, cache, lengths, cfg):
         B, S, H, _ = q_nope.shape
         G, M = cfg.num_query_groups, cfg.heads_per_group
-        q_abs = torch.einsum("bsgmn,gnc->bsgmc", q_nope.view(B, S, G, M, -1), prep["W_UK"])
+        q_abs = ref.absorb_query(q_nope, prep["W_UK"])
         scores = (torch.einsum("bsgmc,btc->bgmst", q_abs, cache["c"])
                   + torch.einsum("bsgmr,btr->bgmst", q_rope.view(B, S, G, M, -1), cache["k_rope"]))
         scores = scores * cfg.softmax_scale
         scores = scores.masked_fill(~visible(lengths, S, cache["c"].shape[1])[:, None, None], float("-inf"))
         p = torch.softmax(scores.float(), dim=-1).to(q_nope.dtype)
         o_lat = torch.einsum("bgmst,btc->bsgmc", p, cache["c"])
-        return torch.einsum("bsgmc,gvc->bsgmv", o_lat, prep["W_UV"]).reshape(B, S, H, -1)
+        return ref.absorb_output(o_lat, prep["W_UV"])
 
 
 class TorchGQA(DecodeBackend):

@@ -24,6 +24,7 @@ from typing import List, Tuple
 
 import torch
 
+from gqla_megatron import reference as ref
 from gqla_megatron.config import GQLAConfig
 
 
@@ -61,12 +62,12 @@ class _TritonAbsorb(_TritonBackend):
     def attend(self, prep, q_nope, q_rope, cache, lengths, cfg):
         B, S, H, _ = q_nope.shape
         G, M = cfg.num_query_groups, cfg.heads_per_group
-        q_abs = torch.einsum("bsgmn,gnc->bsgmc", q_nope.reshape(B, S, G, M, -1), prep["W_UK"])
+        q_abs = ref.absorb_query(q_nope, prep["W_UK"])
         o_lat = _kernels().absorb_decode(
             q_abs.reshape(B, S, H, -1), q_rope, cache["c"], cache["k_rope"], lengths,
             cfg.softmax_scale, block_table=cache.get("block_table"), max_len=cache.get("max_len"),
             validate=False)
-        return torch.einsum("bsgmc,gvc->bsgmv", o_lat.view(B, S, G, M, -1), prep["W_UV"]).reshape(B, S, H, -1)
+        return ref.absorb_output(o_lat.view(B, S, G, M, -1), prep["W_UV"])
 
 
 class _TritonGQA(_TritonBackend):
