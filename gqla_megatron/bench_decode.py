@@ -109,25 +109,29 @@ def time_fn(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
     for _ in range(warmup):
         fn()
     _sync(dev)
-    times = []
     if dev.type == "cuda":
-        events = []
-        for _ in range(iters):
-            if flush is not None:
-                flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            events.append((s, e))
-        torch.cuda.synchronize(dev)
-        times = [s.elapsed_time(e) * 1e-3 for s, e in events]
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        return _cuda_median(fn, dev, iters=iters, flush=flush)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _cuda_median(call: Callable, dev: torch.device, *, iters: int, flush: Optional[torch.Tensor]) -> float:
+    """Median seconds of ``call()`` bracketed by CUDA events, the L2 flush (if any) before each."""
+    events = []
+    for _ in range(iters):
+        if flush is not None:
+            flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        call()
+        e.record()
+        events.append((s, e))
+    torch.cuda.synchronize(dev)
+    return statistics.median(s.elapsed_time(e) * 1e-3 for s, e in events)
 
 
 def time_graph(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
@@ -153,17 +157,7 @@ def time_graph(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
         torch.cuda.synchronize(dev)
         graph.replay()
         torch.cuda.synchronize(dev)
-        events = []
-        for _ in range(iters):
-            if flush is not None:
-                flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            graph.replay()
-            e.record()
-            events.append((s, e))
-        torch.cuda.synchronize(dev)
-        return statistics.median(s.elapsed_time(e) * 1e-3 for s, e in events)
+        return _cuda_median(graph.replay, dev, iters=iters, flush=flush)
     finally:
         del graph
 
