@@ -106,6 +106,21 @@ class GQLAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_run_args(cls, args: dict) -> "GQLAConfig":
+        """The config recorded in a checkpoint's run args (gqla-pretrain / gqla-convert:
+        ``gqla_train_state.json``). The norm epsilon is ``norm_epsilon`` (gqla-pretrain's flag) or
+        ``layernorm_epsilon`` (gqla-convert); absent fields take gqla-pretrain's defaults. A
+        missing shape field raises KeyError naming it."""
+        eps = args.get("norm_epsilon", args.get("layernorm_epsilon"))
+        return cls(hidden_size=args["hidden_size"], num_attention_heads=args["num_attention_heads"],
+                   num_query_groups=args["num_query_groups"], kv_lora_rank=args["kv_lora_rank"],
+                   qk_head_dim=args["qk_head_dim"], qk_pos_emb_head_dim=args["qk_pos_emb_head_dim"],
+                   v_head_dim=args["v_head_dim"], q_lora_rank=args.get("q_lora_rank"),
+                   rotary_base=float(args.get("rotary_base") or 10000.0),
+                   layernorm_epsilon=float(1e-5 if eps is None else eps),
+                   qk_layernorm=bool(args.get("qk_layernorm", True)))
+
+    @classmethod
     def from_dict(cls, d: dict) -> "GQLAConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)

@@ -728,20 +728,14 @@ def read_gqla_checkpoint(path: str, *, allow_mla: bool = False):
     _verify_dcp_files(ckpt, meta)
     where, _shapes, _dt, _st = _dcp_index(meta)
     try:
-        cfg = GQLAConfig(hidden_size=args["hidden_size"], num_attention_heads=args["num_attention_heads"],
-                         num_query_groups=args["num_query_groups"], kv_lora_rank=args["kv_lora_rank"],
-                         qk_head_dim=args["qk_head_dim"], qk_pos_emb_head_dim=args["qk_pos_emb_head_dim"],
-                         v_head_dim=args["v_head_dim"], q_lora_rank=args.get("q_lora_rank"),
-                         rotary_base=float(args.get("rotary_base", 10000.0)),
-                         layernorm_epsilon=float(args.get("layernorm_epsilon", 1e-5)),
-                         qk_layernorm=bool(args.get("qk_layernorm", True)))
+        cfg = GQLAConfig.from_run_args(args)
     except KeyError as e:
         raise ValueError(f"{ckpt}/{STATE}: args has no {e}") from e
     sd = {k: v.float() for k, v in _dcp_read(reader, meta, where, list(where)).items()}
     backend = "local" if "decoder.layers.0.input_layernorm.weight" in sd else "te"
     try:
         mw = adapters.model_to_reference(sd, cfg, args["num_layers"], backend=backend,
-                                         eps=float(args.get("layernorm_epsilon", 1e-5)))
+                                         eps=cfg.layernorm_epsilon)
     except KeyError as e:
         raise ValueError(f"{ckpt}: {e}") from e
     return mw, cfg, args

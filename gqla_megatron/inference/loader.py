@@ -53,14 +53,10 @@ def load_megatron_checkpoint(root: str):
         args = json.load(f)["args"]
     if args.get("attention", "gqla") != "gqla":
         raise ValueError(f"{path}: a {args['attention']!r} model, not GQLA")
-    cfg = GQLAConfig(hidden_size=args["hidden_size"], num_attention_heads=args["num_attention_heads"],
-                     num_query_groups=args["num_query_groups"], kv_lora_rank=args["kv_lora_rank"],
-                     qk_head_dim=args["qk_head_dim"], qk_pos_emb_head_dim=args["qk_pos_emb_head_dim"],
-                     v_head_dim=args["v_head_dim"], q_lora_rank=args["q_lora_rank"],
-                     # converted checkpoints (gqla-convert) record these; gqla-pretrain's defaults otherwise
-                     rotary_base=float(args.get("rotary_base", 10000.0)),
-                     layernorm_epsilon=float(args.get("layernorm_epsilon", 1e-5)),
-                     qk_layernorm=bool(args.get("qk_layernorm", True)))
+    try:
+        cfg = GQLAConfig.from_run_args(args)
+    except KeyError as e:
+        raise ValueError(f"{path}/{STATE}: args has no {e}") from e
     _ensure_process_group()
     raw = dist_checkpointing.load_plain_tensors(path)
     sd = {}

@@ -125,8 +125,8 @@ def _apply_checkpoint_args(args) -> None:
     for k in CHECKPOINT_ARGS:
         if k in saved and getattr(args, k, None) is None:
             setattr(args, k, saved[k])
-    if getattr(args, "norm_epsilon", None) is None and "layernorm_epsilon" in saved:
-        args.norm_epsilon = saved["layernorm_epsilon"]
+    if args.norm_epsilon is None:  # gqla-pretrain records norm_epsilon, gqla-convert layernorm_epsilon
+        args.norm_epsilon = saved.get("norm_epsilon", saved.get("layernorm_epsilon"))
 
 
 def resolve_args(argv=None) -> argparse.Namespace:

@@ -75,3 +75,17 @@ def test_te_backend_without_te_is_a_clear_error():
         get_gqla_layer_spec("te")
     with pytest.raises(ValueError, match="backend must be one of"):
         get_gqla_layer_spec("apex")
+
+
+def test_from_run_args_reads_both_checkpoint_writers():
+    """gqla-pretrain records --norm-epsilon as norm_epsilon, gqla-convert as layernorm_epsilon;
+    both reach the config (and a missing shape field names itself)."""
+    shape = dict(hidden_size=64, num_attention_heads=8, num_query_groups=4, kv_lora_rank=32, qk_head_dim=16,
+                 qk_pos_emb_head_dim=8, v_head_dim=16, q_lora_rank=None)
+    assert GQLAConfig.from_run_args(dict(shape, norm_epsilon=1e-6)).layernorm_epsilon == 1e-6
+    c = GQLAConfig.from_run_args(dict(shape, layernorm_epsilon=1e-6, rotary_base=1e5, qk_layernorm=False))
+    assert (c.layernorm_epsilon, c.rotary_base, c.qk_layernorm) == (1e-6, 1e5, False)
+    d = GQLAConfig.from_run_args(shape)
+    assert (d.layernorm_epsilon, d.rotary_base, d.qk_layernorm) == (1e-5, 10000.0, True)
+    with pytest.raises(KeyError, match="kv_lora_rank"):
+        GQLAConfig.from_run_args({k: v for k, v in shape.items() if k != "kv_lora_rank"})
