@@ -352,21 +352,29 @@ def _is_tied(mw: rm.ModelWeights) -> bool:
         and mw.output.stride() == mw.embedding.stride())
 
 
+def _latent_config_fields(mw: rm.ModelWeights, cfg: GQLAConfig, *, kv_heads: int, torch_dtype: str) -> dict:
+    """config.json fields both layouts share (DeepSeek-V3 names); ``kv_heads``: the K/V
+    up-projection blocks stored (g for gqla, h_q for deepseek_v3)."""
+    return {
+        "vocab_size": int(mw.embedding.shape[0]), "hidden_size": cfg.hidden_size,
+        "intermediate_size": int(mw.layers[0].W_fc2.shape[1]),
+        "num_hidden_layers": len(mw.layers), "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": kv_heads, "kv_lora_rank": cfg.kv_lora_rank,
+        "q_lora_rank": cfg.q_lora_rank, "qk_nope_head_dim": cfg.qk_head_dim,
+        "qk_rope_head_dim": cfg.qk_pos_emb_head_dim, "v_head_dim": cfg.v_head_dim,
+        "rope_theta": cfg.rotary_base, "rope_scaling": None, "rms_norm_eps": mw.eps,
+        "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": _is_tied(mw),
+        "torch_dtype": torch_dtype,
+    }
+
+
 def gqla_hf_config(mw: rm.ModelWeights, cfg: GQLAConfig, *, torch_dtype: str) -> dict:
     """config.json of the "gqla" layout."""
     return {
         "model_type": "gqla", "architectures": ["GQLAForCausalLM"],
-        "vocab_size": int(mw.embedding.shape[0]), "hidden_size": cfg.hidden_size,
-        "intermediate_size": int(mw.layers[0].W_fc2.shape[1]),
-        "num_hidden_layers": len(mw.layers), "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_query_groups, "kv_lora_rank": cfg.kv_lora_rank,
-        "q_lora_rank": cfg.q_lora_rank, "qk_nope_head_dim": cfg.qk_head_dim,
-        "qk_rope_head_dim": cfg.qk_pos_emb_head_dim, "v_head_dim": cfg.v_head_dim,
-        "rope_theta": cfg.rotary_base, "rope_interleave": True, "rope_scaling": None,
-        "rms_norm_eps": mw.eps, "latent_layernorm_eps": cfg.layernorm_epsilon,
-        "qk_layernorm": cfg.qk_layernorm, "hidden_act": "silu", "attention_bias": False,
-        "tie_word_embeddings": _is_tied(mw), "torch_dtype": torch_dtype,
-        "softmax_scale": cfg.softmax_scale,
+        **_latent_config_fields(mw, cfg, kv_heads=cfg.num_query_groups, torch_dtype=torch_dtype),
+        "rope_interleave": True, "latent_layernorm_eps": cfg.layernorm_epsilon,
+        "qk_layernorm": cfg.qk_layernorm, "softmax_scale": cfg.softmax_scale,
     }
 
 
@@ -375,22 +383,14 @@ def deepseek_v3_config(mw: rm.ModelWeights, cfg: GQLAConfig, *, rope_interleave:
     """config.json of the "deepseek_v3" layout (transformers' DeepseekV3Config fields)."""
     return {
         "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
-        "vocab_size": int(mw.embedding.shape[0]), "hidden_size": cfg.hidden_size,
-        "intermediate_size": int(mw.layers[0].W_fc2.shape[1]),
-        "num_hidden_layers": len(mw.layers), "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_attention_heads, "kv_lora_rank": cfg.kv_lora_rank,
-        "q_lora_rank": cfg.q_lora_rank, "qk_nope_head_dim": cfg.qk_head_dim,
-        "qk_rope_head_dim": cfg.qk_pos_emb_head_dim, "v_head_dim": cfg.v_head_dim,
-        "rope_theta": cfg.rotary_base,
+        **_latent_config_fields(mw, cfg, kv_heads=cfg.num_attention_heads, torch_dtype=torch_dtype),
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
-        "rope_scaling": None, "rope_interleave": rope_interleave,
-        "rms_norm_eps": mw.eps, "hidden_act": "silu", "attention_bias": False,
+        "rope_interleave": rope_interleave,
         # every layer dense: the MoE fields are required integers but never used
         "first_k_dense_replace": len(mw.layers), "n_routed_experts": 1, "n_shared_experts": 1,
         "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
         "moe_intermediate_size": int(mw.layers[0].W_fc2.shape[1]), "num_nextn_predict_layers": 0,
         "max_position_embeddings": max_position_embeddings,
-        "tie_word_embeddings": _is_tied(mw), "torch_dtype": torch_dtype,
         "gqla_num_query_groups": cfg.num_query_groups,
     }
 
