@@ -63,7 +63,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -635,26 +635,43 @@ def _write_atomic(path: str, text: str) -> None:
 # ------------------------------------------------------------------------------------------
 # sweep
 # ------------------------------------------------------------------------------------------
-SWEEP_CELLS = {"absorb": [(1, 8192, 1), (32, 4096, 1), (128, 8192, 1), (128, 8192, 2)],
-               "gqa": [(1, 8192, 1), (32, 4096, 1)]}
+SWEEP_CELLS = {"absorb": [(1, 8192, 1), (8, 32768, 1), (32, 8192, 1), (128, 8192, 1), (32, 8192, 2),
+                          (128, 8192, 2)],
+               "gqa": [(1, 4096, 1), (1, 8192, 1), (8, 8192, 1), (8, 32768, 1), (32, 4096, 1)]}
 
 
 def sweep_configs(path: str) -> List[dict]:
-    """Candidates around the first H200 sweep's winners (defaults first). Kept small: every tile
-    shape is one Triton compile (seconds), and the whole sweep must stay near a minute."""
+    """Candidates around the H200 sweeps' winners (defaults first). Kept small: every tile
+    shape is one Triton compile (seconds), and the whole sweep must stay near two minutes."""
     out = [{}]
     if path == "absorb":
-        for bm, bn, ns in ((32, 64, 2), (64, 64, 2), (64, 32, 2), (64, 64, 3), (32, 64, 3), (64, 64, 1)):
-            out.append(dict(block_m=bm, block_n=bn, num_warps=8, num_stages=ns))
-        out.append(dict(block_m=64, block_n=64, num_warps=4, num_stages=2))
-        for wv, mc in ((1.0, 128), (4.0, 128), (2.0, 64), (2.0, 256)):
+        # 32-row tiles: 4-warp tiles under 114 KB shared memory and 255 registers run two
+        # programs per SM (waves 2); offline sm_90 compiles: 32x16 4 stages 93 KB / 244 regs
+        for bn, nw, ns, wv in ((16, 4, 4, 2.0), (16, 4, 3, 2.0), (32, 4, 3, 2.0), (32, 8, 2, 1.0),
+                               (64, 8, 2, 1.0), (32, 8, 3, 1.0)):
+            out.append(dict(block_n=bn, num_warps=nw, num_stages=ns, waves=wv))
+        for wv, mc in ((2.0, 128), (1.0, 64), (1.0, 256)):
             out.append(dict(waves=wv, min_chunk=mc))
+        # > 32 rows (s_q 2, 128 heads): 32-row blocks at two programs per SM (each block reads the KV)
+        out.append(dict(block_m=32, block_n=32, num_warps=4, num_stages=3, waves=2.0))
     else:
-        for bn, nw, ns in ((64, 8, 3), (128, 4, 2), (64, 4, 4), (32, 4, 3)):
+        for bn, nw, ns in ((64, 8, 3), (128, 4, 2), (64, 4, 4), (32, 4, 3), (64, 4, 2)):
             out.append(dict(block_n=bn, num_warps=nw, num_stages=ns))
-        for mc, wv in ((64, 1.0), (64, 4.0), (128, 2.0)):
+        for mc, wv in ((64, 2.0), (64, 3.0), (128, 1.0), (32, 1.0)):
             out.append(dict(min_chunk=mc, waves=wv))
     return out
+
+
+def parse_cells(text: str) -> List[Tuple[int, int, int]]:
+    """'B:L:S,...' (L may use k = 1024) -> [(B, L, S), ...]."""
+    cells = []
+    for item in _parse_list(text, str):
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"--sweep-cells entry {item!r} is not B:L:S")
+        b, l, q = parts
+        cells.append((int(b), _parse_list(l)[0], int(q)))
+    return cells
 
 
 def run_sweep(args, shp, dtype, dev, rates, flush) -> dict:
@@ -663,7 +680,7 @@ def run_sweep(args, shp, dtype, dev, rates, flush) -> dict:
     results = {}
     paths = _parse_list(args.path, str)
     for path in paths:
-        for B, L, S in SWEEP_CELLS[path]:
+        for B, L, S in (parse_cells(args.sweep_cells) if args.sweep_cells else SWEEP_CELLS[path]):
             x = make_inputs(path, shp, B, L, S, dtype, dev, args.page_size)
             esize = torch.finfo(dtype).bits // 8
             nbytes = cache_bytes(path, shp, B, L, esize) + qo_bytes(path, shp, B, S, esize)
@@ -726,6 +743,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flex-budget-s", type=float, default=45.0, help="seconds of flex_attention compiling (default 45)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--sweep", action="store_true", help="sweep kernel configs on a few cells and print the best")
+    p.add_argument("--sweep-cells", default=None,
+                   help="cells for --sweep as B:L:S,... (default: a fixed set per path)")
     p.add_argument("--out", required=True, help="output directory (JSON, markdown, PNG)")
 
 

@@ -405,32 +405,45 @@ class DecodeKernelConfig:
     min_chunk: Optional[int] = None
     """Heuristic: fewest keys of the longest sequence per split."""
     waves: Optional[float] = None
-    """Heuristic: aim for waves x SMs programs."""
+    """Heuristic: programs resident per SM at once (slots = waves x SMs; see choose_num_splits)."""
 
 
 _FIELDS = [f.name for f in dataclasses.fields(DecodeKernelConfig)]
 
 
 def default_config(path: str, rows: int, dtype: torch.dtype) -> DecodeKernelConfig:
-    """Defaults per path. ``rows``: query rows of one (sequence[, group]) = heads x s_q."""
+    """Defaults per path. ``rows``: query rows of one (sequence[, group]) = heads x s_q.
+
+    ``waves`` is the number of programs of the default tile that fit on one sm_90 SM at once
+    (shared memory and registers of the compiled kernel; tests/cpu/test_triton_interpret.py
+    checks each default against Triton's and ptxas's own figures), so the split heuristic
+    plans whole waves of resident programs."""
     bm = min(64, max(16, _pow2(rows)))
     wide = dtype == torch.float32          # fp32 tiles take twice the shared memory
     if path == "absorb":
-        # 512-wide latent tile + fp32 accumulator (rows x 512): 8 warps for >= 32 rows. fp32
-        # (IEEE dots run on FMA units, a correctness path): 32 x 16 tiles, else ptxas spills
+        # fp32 (IEEE dots run on FMA units, a correctness path): 32 x 16 tiles, else ptxas spills
         if wide:
             bm = min(bm, 32)
             return DecodeKernelConfig(block_m=bm, block_n=16, num_warps=4 if bm == 16 else 8,
                                       num_stages=1, num_splits=None, min_chunk=128, waves=1.0)
-        # H200 sweep (bf16, r=512, d_r=64): 64 rows -> 64 x 64 tiles, 8 warps, 2 stages (1.43 ->
-        # 1.89 TB/s at B=128 L=8k s_q=2); 32 rows -> 32 x 64, 8 warps, 2 stages (0.66 -> 1.15 TB/s
-        # at B=32 L=4k). Splits aim at 2 programs per SM (waves 2). Second sweep (CUDA-graph
-        # timing, benchmarks/decode_kernels_h200/run2_graphs): 32 rows with 3 stages is faster
-        # again (B=128 L=8k s_q=1: 2.05 -> 2.45 TB/s; B=32 L=4k: 1.50 -> 1.70 TB/s).
-        return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=4 if bm == 16 else 8,
-                                  num_stages=3 if bm == 32 else 2, num_splits=None, min_chunk=128, waves=2.0)
-    return DecodeKernelConfig(block_m=bm, block_n=64 if not wide else 32, num_warps=8 if wide else 4,
-                              num_stages=2 if wide else 3, num_splits=None, min_chunk=64, waves=2.0)
+        if bm <= 32:
+            # H200 sweep 3 (benchmarks/decode_kernels_h200/run4_occupancy): 32 x 32 tiles, 4
+            # warps, 3 stages take 113 KB shared memory and 255 registers, so two programs share
+            # an SM and one's loads overlap the other's softmax (B=128 L=8k s_q=1: 2.66 -> 2.95
+            # TB/s over 32 x 64, 8 warps, one program per SM)
+            return DecodeKernelConfig(block_m=bm, block_n=32, num_warps=4, num_stages=3,
+                                      num_splits=None, min_chunk=128, waves=2.0)
+        # 64 rows: 64 x 64 tiles, 8 warps, 2 stages (221 KB: one program per SM); no tile with
+        # a 64 x 512 fp32 accumulator fits twice per SM
+        return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=8, num_stages=2,
+                                  num_splits=None, min_chunk=128, waves=1.0)
+    # gqa: 16-row tiles x 64 keys, 4 warps, 3 stages: 90 KB, two programs per SM (waves 2 took
+    # B=8 L=32k from 88 to 95 % of the copy rate in sweep 3)
+    if wide:
+        return DecodeKernelConfig(block_m=bm, block_n=32, num_warps=8, num_stages=2,
+                                  num_splits=None, min_chunk=64, waves=3.0)
+    return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=4, num_stages=3,
+                              num_splits=None, min_chunk=64, waves=2.0)
 
 
 def _env_value(path: str, field: str):
@@ -483,15 +496,29 @@ def num_sms(device: torch.device) -> int:
     return 8
 
 
+def split_time(units: int, splits: int, slots: int) -> float:
+    """Modelled time of a split grid, in units of one unsplit program: the waves of
+    ``units * splits`` programs over ``slots``, each program doing 1/splits of the keys."""
+    return -(-(units * splits) // slots) / splits
+
+
 def choose_num_splits(units: int, max_len: int, sms: int, *, waves: float, min_chunk: int,
                       block_n: int) -> int:
-    """KV splits per sequence (see module docstring). ``units``: programs without splitting."""
-    target = max(1, int(round(waves * sms)))
-    if units >= target or max_len <= 0:
+    """KV splits per sequence (see module docstring). ``units``: programs without splitting.
+
+    slots = waves x SMs programs run at once. A grid that already fills 80 % of the slots is
+    not split. Otherwise every split count up to the cap (each split keeps >= max(min_chunk,
+    block_n) keys of the longest sequence, and <= MAX_SPLITS) is scored by ``split_time``
+    (whole waves, so a mostly-empty last wave costs a full one), and the smallest count within
+    5 % of the best score wins (fewer partial outputs to write and combine). E.g. 64 units on
+    132 slots: 2 splits (128 programs, one wave), not 5 (320 programs, a third wave 42 % busy)."""
+    slots = max(1, int(round(waves * sms)))
+    if units >= 0.8 * slots or max_len <= 0:
         return 1
-    want = -(-target // units)
-    by_len = max(1, -(-max_len // max(min_chunk, block_n)))
-    return int(max(1, min(want, by_len, MAX_SPLITS)))
+    cap = int(max(1, min(MAX_SPLITS, -(-max_len // max(min_chunk, block_n)))))
+    times = [split_time(units, s, slots) for s in range(1, cap + 1)]
+    best = min(times)
+    return next(s for s, t in enumerate(times, start=1) if t <= 1.05 * best)
 
 
 # ------------------------------------------------------------------------------------------
