@@ -199,6 +199,16 @@ def measure_rates(dev: torch.device, *, copy_mib: int, gemm_n: int, iters: int =
             "gemm_dtype": str(mm_dtype).replace("torch.", "")}
 
 
+def measure_launch_floor(dev: torch.device, flush: Optional[torch.Tensor], *, iters: int) -> dict:
+    """Time of a CUDA-graph replay holding one (two) one-element kernels, timed exactly as the
+    cells are (events around the replay, the L2 flush before it): the fixed cost in every cell's
+    time, which no kernel can go under (a split kernel + its combine pay the two-kernel floor)."""
+    x = torch.zeros(1, device=dev)
+    one = time_graph(lambda: x.add_(1), dev, warmup=3, iters=iters, flush=flush)
+    two = time_graph(lambda: (x.add_(1), x.mul_(1)), dev, warmup=3, iters=iters, flush=flush)
+    return {"floor1_us": one * 1e6, "floor2_us": two * 1e6}
+
+
 # ------------------------------------------------------------------------------------------
 # cells
 # ------------------------------------------------------------------------------------------
@@ -544,7 +554,9 @@ def markdown(result: dict) -> str:
              f"({r['gemm_dtype']} {r['gemm_n']}^3); median of {result['iters']} after {result['warmup']} "
              f"warmup{', L2 flushed' if result['flush'] else ''}; "
              f"{'CUDA-graph replays' if result.get('cuda_graphs') else 'eager launches'}"
-             f"{'' if result.get('complete', True) else ' (INCOMPLETE: the run stopped early)'}.", ""]
+             + (f" (launch floor: a replay of one tiny kernel {r['floor1_us']:.1f} us, of two "
+                f"{r['floor2_us']:.1f} us)" if 'floor1_us' in r else "")
+             + f"{'' if result.get('complete', True) else ' (INCOMPLETE: the run stopped early)'}.", ""]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for path in sorted({s["path"] for s in result["summary"]}):
         lines += [f"## {path}", "",
@@ -646,8 +658,8 @@ def sweep_configs(path: str) -> List[dict]:
     out = [{}]
     if path == "absorb":
         # 32-row tiles: 4-warp tiles under 114 KB shared memory and 255 registers run two
-        # programs per SM (waves 2); offline sm_90 compiles: 32x16 4 stages 93 KB / 244 regs
-        for bn, nw, ns, wv in ((16, 4, 4, 2.0), (16, 4, 3, 2.0), (32, 4, 3, 2.0), (32, 8, 2, 1.0),
+        # programs per SM (waves 2): 32 x 32 x 3 stages 113 KB, 32 x 64 x 2 stages 115 KB
+        for bn, nw, ns, wv in ((32, 4, 2, 2.0), (64, 4, 2, 2.0), (32, 4, 3, 2.0), (64, 8, 3, 1.0),
                                (64, 8, 2, 1.0), (32, 8, 3, 1.0)):
             out.append(dict(block_n=bn, num_warps=nw, num_stages=ns, waves=wv))
         for wv, mc in ((2.0, 128), (1.0, 64), (1.0, 256)):
@@ -793,6 +805,10 @@ def _cmd_decode(args, parser) -> int:
     print(f"device {torch.cuda.get_device_name(dev) if on_gpu else 'cpu'}: copy {rates['copy_tbps']:.3f} TB/s, "
           f"{rates['gemm_dtype']} matmul {rates['gemm_tflops']:.1f} TFLOP/s", flush=True)
     flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev) if (args.flush and on_gpu) else None
+    if on_gpu and args.cuda_graphs:
+        rates.update(measure_launch_floor(dev, flush, iters=max(10, args.iters)))
+        print(f"launch floor (graph replay, events, flush as the cells): one tiny kernel "
+              f"{rates['floor1_us']:.1f} us, two {rates['floor2_us']:.1f} us", flush=True)
     if args.sweep:
         res = run_sweep(args, shp, dtype, dev, rates, flush)
         _write_atomic(os.path.join(args.out, "decode_sweep.json"),
