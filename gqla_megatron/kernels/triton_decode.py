@@ -654,14 +654,18 @@ def _launch_with_fallback(key: tuple, cfg: DecodeKernelConfig, explicit: bool, l
 
 def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
     B, rows = lse.shape[0], lse.shape[1]
-    dv_pad = _pow2(DV)
-    block_dv = min(128, dv_pad)
+    # small grids (B = 1: 32 rows) are latency-bound: narrower column blocks give more
+    # programs (aim: 2 per SM); up to 64 splits are read in one pass
+    block_dv = min(128, _pow2(DV))
+    target = 2 * num_sms(device)
+    while block_dv > 32 and B * rows * triton.cdiv(DV, block_dv) < target:
+        block_dv //= 2
     split_pad = _pow2(nsplit)
     grid = (rows, triton.cdiv(DV, block_dv), B)
     _combine[grid](opart, lse, out,
                    opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0), lse.stride(1),
                    out.stride(0), out.stride(1), out.stride(2), nsplit, H,
-                   DV=DV, SPLIT_PAD=split_pad, SPLIT_BLOCK=min(16, split_pad), BLOCK_DV=block_dv,
+                   DV=DV, SPLIT_PAD=split_pad, SPLIT_BLOCK=min(64, split_pad), BLOCK_DV=block_dv,
                    num_warps=4, num_stages=1)
 
 

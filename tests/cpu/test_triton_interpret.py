@@ -261,7 +261,8 @@ def test_default_configs_compile_for_sm90_without_spills(path, rows, dtype, page
         f"{cfg}: {shared} B shared, {regs} registers -> {per_sm} per SM"
 
 
-def test_combine_kernel_compiles_for_sm90(no_interpret):
+@pytest.mark.parametrize("block_dv", [128, 32])
+def test_combine_kernel_compiles_for_sm90(block_dv, no_interpret):
     shared, report = _compile_sm90(td._combine_kernel, dict(OPART="*fp32", LSE="*fp32", OUT="*bf16"),
-                                   ("nsplit", "H"), dict(DV=512, SPLIT_PAD=64, SPLIT_BLOCK=16, BLOCK_DV=128), 4, 1)
+                                   ("nsplit", "H"), dict(DV=512, SPLIT_PAD=256, SPLIT_BLOCK=64, BLOCK_DV=block_dv), 4, 1)
     assert shared <= SM90_SMEM and "0 bytes spill stores" in report, report
