@@ -256,8 +256,7 @@ def test_default_configs_compile_for_sm90_without_spills(path, rows, dtype, page
     assert spill <= 32, f"{cfg}: {report}"
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     per_sm = sm90_blocks_per_sm(shared, regs, cfg.num_warps)
-    # paged tiles may fit more often (the page-table load shortens the pipelined part): never fewer
-    assert (cfg.waves <= per_sm) if paged else (cfg.waves == per_sm), \
+    assert cfg.waves == per_sm, \
         f"{cfg}: {shared} B shared, {regs} registers -> {per_sm} per SM"
 
 

@@ -111,7 +111,7 @@ def _gqa_case(S, dtype, seed, B=3, H=6, G=2, DN=12, DR=8, DV=10, T=50):
     return g, qn, qr, kn, v, kr, lengths, scale, want
 
 
-LAYOUTS = ["contiguous", "paged8", "paged24"]
+LAYOUTS = ["contiguous", "paged8", "paged24", "paged32"]   # 32: each 16-key tile in one page
 SMALL = td.DecodeKernelConfig(block_n=16)   # several KV tiles per split at T=50
 # fp32: every (s_q, layout); bf16: s_q 1 and 4 on every layout (the interpreter is slow)
 CASES = ([(S, lay, torch.float32) for S in (1, 2, 3, 4) for lay in LAYOUTS]
