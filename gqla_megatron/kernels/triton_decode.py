@@ -131,20 +131,27 @@ def _absorb_partial_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, R_PAD], tl.float32)
-    if PAGED and PAGE % BLOCK_N == 0:
-        # each tile lies in one page: its table entry is read one iteration ahead, so the tile
-        # loads depend on a loop-carried value, not on a load of the same iteration (Triton then
-        # pipelines them as deep as contiguous tiles: offline sm_90 compile, 3 stages vs 2)
-        page_next = tl.load(BT + b * sbt_b + start // PAGE, mask=start < end, other=0).to(tl.int64)
+    if PAGED:
+        # a tile's page ids are read one iteration ahead, so its loads depend on a loop-carried
+        # value, not on a load of the same iteration; Triton then pipelines them as deep as
+        # contiguous tiles (offline sm_90 compile: 3 stages instead of 2)
+        if PAGE % BLOCK_N == 0:   # the tile lies in one page: one table entry
+            page_next = tl.load(BT + b * sbt_b + start // PAGE, mask=start < end, other=0).to(tl.int64)
+        else:
+            offs_first = start + tl.arange(0, BLOCK_N)
+            page_next = tl.load(BT + b * sbt_b + offs_first // PAGE, mask=offs_first < end,
+                                other=0).to(tl.int64)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         if PAGED:
+            page = page_next
             if PAGE % BLOCK_N == 0:
-                page = page_next
                 page_next = tl.load(BT + b * sbt_b + tl.minimum(n0 + BLOCK_N, end - 1) // PAGE).to(tl.int64)
             else:
-                page = tl.load(BT + b * sbt_b + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+                offs_next = offs_n + BLOCK_N
+                page_next = tl.load(BT + b * sbt_b + offs_next // PAGE, mask=offs_next < end,
+                                    other=0).to(tl.int64)
             slot = (offs_n % PAGE).to(tl.int64)
             c_row = page * sc_0 + slot * sc_1
             kr_row = page * skr_0 + slot * skr_1
@@ -242,20 +249,27 @@ def _gqa_partial_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    if PAGED and PAGE % BLOCK_N == 0:
-        # each tile lies in one page: its table entry is read one iteration ahead, so the tile
-        # loads depend on a loop-carried value, not on a load of the same iteration (Triton then
-        # pipelines them as deep as contiguous tiles: offline sm_90 compile, 3 stages vs 2)
-        page_next = tl.load(BT + b * sbt_b + start // PAGE, mask=start < end, other=0).to(tl.int64)
+    if PAGED:
+        # a tile's page ids are read one iteration ahead, so its loads depend on a loop-carried
+        # value, not on a load of the same iteration; Triton then pipelines them as deep as
+        # contiguous tiles (offline sm_90 compile: 3 stages instead of 2)
+        if PAGE % BLOCK_N == 0:   # the tile lies in one page: one table entry
+            page_next = tl.load(BT + b * sbt_b + start // PAGE, mask=start < end, other=0).to(tl.int64)
+        else:
+            offs_first = start + tl.arange(0, BLOCK_N)
+            page_next = tl.load(BT + b * sbt_b + offs_first // PAGE, mask=offs_first < end,
+                                other=0).to(tl.int64)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         if PAGED:
+            page = page_next
             if PAGE % BLOCK_N == 0:
-                page = page_next
                 page_next = tl.load(BT + b * sbt_b + tl.minimum(n0 + BLOCK_N, end - 1) // PAGE).to(tl.int64)
             else:
-                page = tl.load(BT + b * sbt_b + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+                offs_next = offs_n + BLOCK_N
+                page_next = tl.load(BT + b * sbt_b + offs_next // PAGE, mask=offs_next < end,
+                                    other=0).to(tl.int64)
             slot = (offs_n % PAGE).to(tl.int64)
             kn_row = page * skn_0 + slot * skn_1
             v_row = page * sv_0 + slot * sv_1
