@@ -86,8 +86,74 @@ def _pow2(n: int) -> int:
 
 # ------------------------------------------------------------------------------------------
 # kernels (plain functions, jitted lazily by _Kernel so that the interpreter choice is made at
-# call time, not at import time)
+# call time, not at import time). The two partial kernels share the helpers below (Triton
+# inlines them): split range, page ids, cache row offsets, masked row loads, the online-softmax
+# step and the epilogue.
 # ------------------------------------------------------------------------------------------
+def _split_range(LENS, b, S, cap, nsplit, pid_p, BLOCK_N: tl.constexpr):
+    """(cached length L, first key, end key) of split ``pid_p`` of sequence ``b``."""
+    L = tl.load(LENS + b).to(tl.int32)
+    n_keys = tl.minimum(L + S, cap)
+    chunk = tl.cdiv(tl.cdiv(n_keys, nsplit), BLOCK_N) * BLOCK_N
+    start = pid_p * chunk
+    return L, start, tl.minimum(start + chunk, n_keys)
+
+
+def _page_ids(BT, bt_row, n0, end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Page ids of the key tile starting at n0 (0 past ``end``): one id when every tile lies in
+    one page (PAGE % BLOCK_N == 0), else one per key. The kernels read them one iteration
+    ahead, so the tile loads depend on a loop-carried value and Triton pipelines them as deep
+    as contiguous tiles (offline sm_90 compile: 3 data stages instead of 2)."""
+    if PAGE % BLOCK_N == 0:
+        ids = tl.load(BT + bt_row + n0 // PAGE, mask=n0 < end, other=0)
+    else:
+        offs = n0 + tl.arange(0, BLOCK_N)
+        ids = tl.load(BT + bt_row + offs // PAGE, mask=offs < end, other=0)
+    return ids.to(tl.int64)
+
+
+def _row_offsets(page, offs_n, b, s_0, s_1, PAGE: tl.constexpr, PAGED: tl.constexpr):
+    """Element offsets of the cache rows of keys ``offs_n`` (dims 0, 1 of a cache tensor)."""
+    if PAGED:
+        return page * s_0 + (offs_n % PAGE).to(tl.int64) * s_1
+    else:
+        return b * s_0 + offs_n.to(tl.int64) * s_1
+
+
+def _row_mask(rows_ok, offs, D: tl.constexpr, D_PAD: tl.constexpr):
+    if D_PAD == D:
+        return rows_ok[:, None]
+    else:
+        return rows_ok[:, None] & (offs < D)[None, :]
+
+
+def _load_rows(PTR, row_off, offs, rows_ok, D: tl.constexpr, D_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(rows, D_PAD) tile; rows not ok and columns >= D read as 0."""
+    return tl.load(PTR + row_off[:, None] + offs[None, :], mask=_row_mask(rows_ok, offs, D, D_PAD),
+                   other=0.0).to(DOT_DTYPE)
+
+
+def _softmax_step(sc, vis, m_i, l_i):
+    """One online-softmax step (base 2) over a score tile: (p, rescale of the old
+    accumulator, new running max, new running sum); rows with nothing visible stay at 0."""
+    sc = tl.where(vis, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(sc - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+def _normalise(acc, m_i, l_i):
+    """(output rows acc / l, their log-sum-exp in base 2; -inf for rows that saw no key)."""
+    l_ok = l_i > 0.0
+    l_div = tl.where(l_ok, l_i, 1.0)
+    return acc / l_div[:, None], tl.where(l_ok, m_i + tl.log2(l_div), float("-inf"))
+
+
+_HELPERS = (_split_range, _page_ids, _row_offsets, _row_mask, _load_rows, _softmax_step, _normalise)
+
+
 def _absorb_partial_kernel(
         Q, QR, C, KR, BT, LENS, OPART, LSE, OUT,
         sq_b, sq_s, sq_h, sqr_b, sqr_s, sqr_h,
@@ -102,11 +168,7 @@ def _absorb_partial_kernel(
     pid_p = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    L = tl.load(LENS + b).to(tl.int32)
-    n_keys = tl.minimum(L + S, cap)
-    chunk = tl.cdiv(tl.cdiv(n_keys, nsplit), BLOCK_N) * BLOCK_N
-    start = pid_p * chunk
-    end = tl.minimum(start + chunk, n_keys)
+    L, start, end = _split_range(LENS, b, S, cap, nsplit, pid_p, BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < H * S
@@ -115,84 +177,39 @@ def _absorb_partial_kernel(
     last = L + s_idx                      # row sees cache slots t <= last
     offs_r = tl.arange(0, R_PAD)
     offs_dr = tl.arange(0, DR_PAD)
-    if R_PAD == R:
-        qmask = row_ok[:, None]
-    else:
-        qmask = row_ok[:, None] & (offs_r < R)[None, :]
-    if DR_PAD == DR:
-        qrmask = row_ok[:, None]
-    else:
-        qrmask = row_ok[:, None] & (offs_dr < DR)[None, :]
-    q = tl.load(Q + b * sq_b + (s_idx * sq_s + h_idx * sq_h)[:, None] + offs_r[None, :],
-                mask=qmask, other=0.0).to(DOT_DTYPE)
-    qr = tl.load(QR + b * sqr_b + (s_idx * sqr_s + h_idx * sqr_h)[:, None] + offs_dr[None, :],
-                 mask=qrmask, other=0.0).to(DOT_DTYPE)
+    q = _load_rows(Q + b * sq_b, s_idx * sq_s + h_idx * sq_h, offs_r, row_ok, R, R_PAD, DOT_DTYPE)
+    qr = _load_rows(QR + b * sqr_b, s_idx * sqr_s + h_idx * sqr_h, offs_dr, row_ok, DR, DR_PAD, DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, R_PAD], tl.float32)
     if PAGED:
-        # a tile's page ids are read one iteration ahead, so its loads depend on a loop-carried
-        # value, not on a load of the same iteration; Triton then pipelines them as deep as
-        # contiguous tiles (offline sm_90 compile: 3 stages instead of 2)
-        if PAGE % BLOCK_N == 0:   # the tile lies in one page: one table entry
-            page_next = tl.load(BT + b * sbt_b + start // PAGE, mask=start < end, other=0).to(tl.int64)
-        else:
-            offs_first = start + tl.arange(0, BLOCK_N)
-            page_next = tl.load(BT + b * sbt_b + offs_first // PAGE, mask=offs_first < end,
-                                other=0).to(tl.int64)
+        page_next = _page_ids(BT, b * sbt_b, start, end, PAGE, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         if PAGED:
             page = page_next
-            if PAGE % BLOCK_N == 0:
-                page_next = tl.load(BT + b * sbt_b + tl.minimum(n0 + BLOCK_N, end - 1) // PAGE).to(tl.int64)
-            else:
-                offs_next = offs_n + BLOCK_N
-                page_next = tl.load(BT + b * sbt_b + offs_next // PAGE, mask=offs_next < end,
-                                    other=0).to(tl.int64)
-            slot = (offs_n % PAGE).to(tl.int64)
-            c_row = page * sc_0 + slot * sc_1
-            kr_row = page * skr_0 + slot * skr_1
+            page_next = _page_ids(BT, b * sbt_b, n0 + BLOCK_N, end, PAGE, BLOCK_N)
         else:
-            t64 = offs_n.to(tl.int64)
-            c_row = b * sc_0 + t64 * sc_1
-            kr_row = b * skr_0 + t64 * skr_1
-        if R_PAD == R:
-            cmask = n_ok[:, None]
-        else:
-            cmask = n_ok[:, None] & (offs_r < R)[None, :]
-        if DR_PAD == DR:
-            krmask = n_ok[:, None]
-        else:
-            krmask = n_ok[:, None] & (offs_dr < DR)[None, :]
-        c = tl.load(C + c_row[:, None] + offs_r[None, :], mask=cmask, other=0.0).to(DOT_DTYPE)
-        kr = tl.load(KR + kr_row[:, None] + offs_dr[None, :], mask=krmask, other=0.0).to(DOT_DTYPE)
+            page = 0   # unused
+        c = _load_rows(C, _row_offsets(page, offs_n, b, sc_0, sc_1, PAGE, PAGED), offs_r, n_ok,
+                       R, R_PAD, DOT_DTYPE)
+        kr = _load_rows(KR, _row_offsets(page, offs_n, b, skr_0, skr_1, PAGE, PAGED), offs_dr, n_ok,
+                        DR, DR_PAD, DOT_DTYPE)
         sc = tl.dot(q, tl.trans(c), input_precision=DOT_PREC)
-        sc = tl.dot(qr, tl.trans(kr), sc, input_precision=DOT_PREC)
-        sc = sc * qk_scale
-        vis = (offs_n[None, :] <= last[:, None]) & n_ok[None, :]
-        sc = tl.where(vis, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        sc = tl.dot(qr, tl.trans(kr), sc, input_precision=DOT_PREC) * qk_scale
+        p, alpha, m_i, l_i = _softmax_step(sc, (offs_n[None, :] <= last[:, None]) & n_ok[None, :], m_i, l_i)
         acc = tl.dot(p.to(C.dtype.element_ty).to(DOT_DTYPE), c, acc * alpha[:, None],
                      input_precision=DOT_PREC)
-        m_i = m_new
 
-    l_ok = l_i > 0.0
-    l_div = tl.where(l_ok, l_i, 1.0)
-    o = acc / l_div[:, None]
+    o, lse = _normalise(acc, m_i, l_i)
+    omask = _row_mask(row_ok, offs_r, R, R_PAD)
     if DIRECT:
         tl.store(OUT + b * so_b + (s_idx * so_s + h_idx * so_h)[:, None] + offs_r[None, :],
-                 o.to(OUT.dtype.element_ty), mask=qmask)
+                 o.to(OUT.dtype.element_ty), mask=omask)
     else:
-        lse = tl.where(l_ok, m_i + tl.log2(l_div), float("-inf"))
-        tl.store(OPART + b * sop_b + offs_m[:, None] * sop_m + pid_p * sop_p + offs_r[None, :],
-                 o, mask=qmask)
+        tl.store(OPART + b * sop_b + offs_m[:, None] * sop_m + pid_p * sop_p + offs_r[None, :], o, mask=omask)
         tl.store(LSE + b * slse_b + offs_m * slse_m + pid_p, lse, mask=row_ok)
 
 
@@ -213,11 +230,7 @@ def _gqa_partial_kernel(
     b = tl.program_id(2).to(tl.int64)
     g = pid_gm // MBLOCKS
     mb = pid_gm % MBLOCKS
-    L = tl.load(LENS + b).to(tl.int32)
-    n_keys = tl.minimum(L + S, cap)
-    chunk = tl.cdiv(tl.cdiv(n_keys, nsplit), BLOCK_N) * BLOCK_N
-    start = pid_p * chunk
-    end = tl.minimum(start + chunk, n_keys)
+    L, start, end = _split_range(LENS, b, S, cap, nsplit, pid_p, BLOCK_N)
 
     offs_i = mb * BLOCK_M + tl.arange(0, BLOCK_M)   # row within the group: s * M + j
     row_ok = offs_i < M * S
@@ -228,98 +241,42 @@ def _gqa_partial_kernel(
     offs_dn = tl.arange(0, DN_PAD)
     offs_dr = tl.arange(0, DR_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    if DN_PAD == DN:
-        qnmask = row_ok[:, None]
-    else:
-        qnmask = row_ok[:, None] & (offs_dn < DN)[None, :]
-    if DR_PAD == DR:
-        qrmask = row_ok[:, None]
-    else:
-        qrmask = row_ok[:, None] & (offs_dr < DR)[None, :]
-    if DV_PAD == DV:
-        omask = row_ok[:, None]
-    else:
-        omask = row_ok[:, None] & (offs_dv < DV)[None, :]
-    qn = tl.load(QN + b * sqn_b + (s_idx * sqn_s + h_idx * sqn_h)[:, None] + offs_dn[None, :],
-                 mask=qnmask, other=0.0).to(DOT_DTYPE)
-    qr = tl.load(QR + b * sqr_b + (s_idx * sqr_s + h_idx * sqr_h)[:, None] + offs_dr[None, :],
-                 mask=qrmask, other=0.0).to(DOT_DTYPE)
+    qn = _load_rows(QN + b * sqn_b, s_idx * sqn_s + h_idx * sqn_h, offs_dn, row_ok, DN, DN_PAD, DOT_DTYPE)
+    qr = _load_rows(QR + b * sqr_b, s_idx * sqr_s + h_idx * sqr_h, offs_dr, row_ok, DR, DR_PAD, DOT_DTYPE)
     g64 = g.to(tl.int64)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     if PAGED:
-        # a tile's page ids are read one iteration ahead, so its loads depend on a loop-carried
-        # value, not on a load of the same iteration; Triton then pipelines them as deep as
-        # contiguous tiles (offline sm_90 compile: 3 stages instead of 2)
-        if PAGE % BLOCK_N == 0:   # the tile lies in one page: one table entry
-            page_next = tl.load(BT + b * sbt_b + start // PAGE, mask=start < end, other=0).to(tl.int64)
-        else:
-            offs_first = start + tl.arange(0, BLOCK_N)
-            page_next = tl.load(BT + b * sbt_b + offs_first // PAGE, mask=offs_first < end,
-                                other=0).to(tl.int64)
+        page_next = _page_ids(BT, b * sbt_b, start, end, PAGE, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         if PAGED:
             page = page_next
-            if PAGE % BLOCK_N == 0:
-                page_next = tl.load(BT + b * sbt_b + tl.minimum(n0 + BLOCK_N, end - 1) // PAGE).to(tl.int64)
-            else:
-                offs_next = offs_n + BLOCK_N
-                page_next = tl.load(BT + b * sbt_b + offs_next // PAGE, mask=offs_next < end,
-                                    other=0).to(tl.int64)
-            slot = (offs_n % PAGE).to(tl.int64)
-            kn_row = page * skn_0 + slot * skn_1
-            v_row = page * sv_0 + slot * sv_1
-            kr_row = page * skr_0 + slot * skr_1
+            page_next = _page_ids(BT, b * sbt_b, n0 + BLOCK_N, end, PAGE, BLOCK_N)
         else:
-            t64 = offs_n.to(tl.int64)
-            kn_row = b * skn_0 + t64 * skn_1
-            v_row = b * sv_0 + t64 * sv_1
-            kr_row = b * skr_0 + t64 * skr_1
-        if DN_PAD == DN:
-            knmask = n_ok[:, None]
-        else:
-            knmask = n_ok[:, None] & (offs_dn < DN)[None, :]
-        if DR_PAD == DR:
-            krmask = n_ok[:, None]
-        else:
-            krmask = n_ok[:, None] & (offs_dr < DR)[None, :]
-        if DV_PAD == DV:
-            vmask = n_ok[:, None]
-        else:
-            vmask = n_ok[:, None] & (offs_dv < DV)[None, :]
-        kn = tl.load(KN + g64 * skn_g + kn_row[:, None] + offs_dn[None, :], mask=knmask,
-                     other=0.0).to(DOT_DTYPE)
-        kr = tl.load(KR + kr_row[:, None] + offs_dr[None, :], mask=krmask, other=0.0).to(DOT_DTYPE)
-        v = tl.load(V + g64 * sv_g + v_row[:, None] + offs_dv[None, :], mask=vmask,
-                    other=0.0).to(DOT_DTYPE)
+            page = 0   # unused
+        kn = _load_rows(KN + g64 * skn_g, _row_offsets(page, offs_n, b, skn_0, skn_1, PAGE, PAGED),
+                        offs_dn, n_ok, DN, DN_PAD, DOT_DTYPE)
+        kr = _load_rows(KR, _row_offsets(page, offs_n, b, skr_0, skr_1, PAGE, PAGED), offs_dr, n_ok,
+                        DR, DR_PAD, DOT_DTYPE)
+        v = _load_rows(V + g64 * sv_g, _row_offsets(page, offs_n, b, sv_0, sv_1, PAGE, PAGED),
+                       offs_dv, n_ok, DV, DV_PAD, DOT_DTYPE)
         sc = tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC)
-        sc = tl.dot(qr, tl.trans(kr), sc, input_precision=DOT_PREC)
-        sc = sc * qk_scale
-        vis = (offs_n[None, :] <= last[:, None]) & n_ok[None, :]
-        sc = tl.where(vis, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        sc = tl.dot(qr, tl.trans(kr), sc, input_precision=DOT_PREC) * qk_scale
+        p, alpha, m_i, l_i = _softmax_step(sc, (offs_n[None, :] <= last[:, None]) & n_ok[None, :], m_i, l_i)
         acc = tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v, acc * alpha[:, None],
                      input_precision=DOT_PREC)
-        m_i = m_new
 
-    l_ok = l_i > 0.0
-    l_div = tl.where(l_ok, l_i, 1.0)
-    o = acc / l_div[:, None]
+    o, lse = _normalise(acc, m_i, l_i)
+    omask = _row_mask(row_ok, offs_dv, DV, DV_PAD)
     if DIRECT:
         tl.store(OUT + b * so_b + (s_idx * so_s + h_idx * so_h)[:, None] + offs_dv[None, :],
                  o.to(OUT.dtype.element_ty), mask=omask)
     else:
-        lse = tl.where(l_ok, m_i + tl.log2(l_div), float("-inf"))
-        tl.store(OPART + b * sop_b + m_glob[:, None] * sop_m + pid_p * sop_p + offs_dv[None, :],
-                 o, mask=omask)
+        tl.store(OPART + b * sop_b + m_glob[:, None] * sop_m + pid_p * sop_p + offs_dv[None, :], o, mask=omask)
         tl.store(LSE + b * slse_b + m_glob * slse_m + pid_p, lse, mask=row_ok)
 
 
@@ -399,8 +356,25 @@ class _Kernel:
         if k is None:
             if mode:
                 _fix_interpreter_scalar_index()
+            _bind_helpers(mode)
             k = self._jit[mode] = triton.jit(self.fn, do_not_specialize=self.do_not_specialize)
         return k[grid]
+
+
+_BOUND_MODE: List[bool] = []
+
+
+def _bind_helpers(mode: bool) -> None:
+    """Make the kernels' helper names (module globals they call) jitted functions of ``mode``.
+    One mode per process: Triton records the globals a kernel used when it compiled it."""
+    if _BOUND_MODE:
+        if _BOUND_MODE[0] != mode:
+            raise RuntimeError("the decode kernels ran both compiled and under TRITON_INTERPRET in "
+                               "one process; set TRITON_INTERPRET before importing triton")
+        return
+    for fn in _HELPERS:
+        globals()[fn.__name__] = triton.jit(fn)
+    _BOUND_MODE.append(mode)
 
 
 # sizes that vary per call stay runtime values (no recompilation per head count, s_q, length,

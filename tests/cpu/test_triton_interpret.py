@@ -181,6 +181,7 @@ def _compile_sm90(fn, pointers, runtime_i32, constexprs, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    td._bind_helpers(False)
     jf = triton.jit(fn)
     sig, attrs = {}, {}
     for i, name in enumerate(jf.arg_names):
