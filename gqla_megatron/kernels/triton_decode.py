@@ -133,15 +133,20 @@ def _load_rows(PTR, row_off, offs, rows_ok, D: tl.constexpr, D_PAD: tl.constexpr
                    other=0.0).to(DOT_DTYPE)
 
 
-def _softmax_step(sc, vis, m_i, l_i):
-    """One online-softmax step (base 2) over a score tile: (p, rescale of the old
-    accumulator, new running max, new running sum); rows with nothing visible stay at 0."""
+def _attend_tile(q, qr, k, kr, v, vis, m_i, l_i, acc, qk_scale, P_DTYPE: tl.constexpr,
+                 DOT_PREC: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """One flash step over a key tile: scores q.k + qr.kr (masked by ``vis``), online softmax in
+    base 2 (rows with nothing visible stay at 0), probabilities rounded to the cache dtype
+    ``P_DTYPE`` for the PV product. Returns (acc, running max, running sum)."""
+    sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    sc = tl.dot(qr, tl.trans(kr), sc, input_precision=DOT_PREC) * qk_scale
     sc = tl.where(vis, sc, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(sc - m_use[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(P_DTYPE).to(DOT_DTYPE), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 def _normalise(acc, m_i, l_i):
@@ -151,7 +156,7 @@ def _normalise(acc, m_i, l_i):
     return acc / l_div[:, None], tl.where(l_ok, m_i + tl.log2(l_div), float("-inf"))
 
 
-_HELPERS = (_split_range, _page_ids, _row_offsets, _row_mask, _load_rows, _softmax_step, _normalise)
+_HELPERS = (_split_range, _page_ids, _row_offsets, _row_mask, _load_rows, _attend_tile, _normalise)
 
 
 def _absorb_partial_kernel(
@@ -197,11 +202,8 @@ def _absorb_partial_kernel(
                        R, R_PAD, DOT_DTYPE)
         kr = _load_rows(KR, _row_offsets(page, offs_n, b, skr_0, skr_1, PAGE, PAGED), offs_dr, n_ok,
                         DR, DR_PAD, DOT_DTYPE)
-        sc = tl.dot(q, tl.trans(c), input_precision=DOT_PREC)
-        sc = tl.dot(qr, tl.trans(kr), sc, input_precision=DOT_PREC) * qk_scale
-        p, alpha, m_i, l_i = _softmax_step(sc, (offs_n[None, :] <= last[:, None]) & n_ok[None, :], m_i, l_i)
-        acc = tl.dot(p.to(C.dtype.element_ty).to(DOT_DTYPE), c, acc * alpha[:, None],
-                     input_precision=DOT_PREC)
+        acc, m_i, l_i = _attend_tile(q, qr, c, kr, c, (offs_n[None, :] <= last[:, None]) & n_ok[None, :],
+                                     m_i, l_i, acc, qk_scale, C.dtype.element_ty, DOT_PREC, DOT_DTYPE)
 
     o, lse = _normalise(acc, m_i, l_i)
     omask = _row_mask(row_ok, offs_r, R, R_PAD)
@@ -264,11 +266,8 @@ def _gqa_partial_kernel(
                         DR, DR_PAD, DOT_DTYPE)
         v = _load_rows(V + g64 * sv_g, _row_offsets(page, offs_n, b, sv_0, sv_1, PAGE, PAGED),
                        offs_dv, n_ok, DV, DV_PAD, DOT_DTYPE)
-        sc = tl.dot(qn, tl.trans(kn), input_precision=DOT_PREC)
-        sc = tl.dot(qr, tl.trans(kr), sc, input_precision=DOT_PREC) * qk_scale
-        p, alpha, m_i, l_i = _softmax_step(sc, (offs_n[None, :] <= last[:, None]) & n_ok[None, :], m_i, l_i)
-        acc = tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v, acc * alpha[:, None],
-                     input_precision=DOT_PREC)
+        acc, m_i, l_i = _attend_tile(qn, qr, kn, kr, v, (offs_n[None, :] <= last[:, None]) & n_ok[None, :],
+                                     m_i, l_i, acc, qk_scale, V.dtype.element_ty, DOT_PREC, DOT_DTYPE)
 
     o, lse = _normalise(acc, m_i, l_i)
     omask = _row_mask(row_ok, offs_dv, DV, DV_PAD)
