@@ -31,13 +31,16 @@ Cache layouts (last dim contiguous; other strides free):
 Keys beyond the capacity (T, or max_blocks * block_size) are never read, whatever ``lengths``
 says (``validate=True`` checks lengths and used page ids up front, at the cost of one host sync).
 
-Number of splits (``choose_num_splits``; documented heuristic). Without splitting there are
-units = B * row_blocks (* G) programs. If units >= waves * SMs the GPU is full: 1 split.
-Otherwise splits = ceil(waves * SMs / units), capped so that every split keeps at least
-``min_chunk`` keys of the longest sequence (the partial outputs cost about
+Number of splits (``choose_num_splits``). Without splitting there are units = B * row_blocks
+(* G) programs; ``waves`` programs of the default tile fit on one SM at once (sm_90 occupancy,
+checked offline by a CPU test), so slots = waves * SMs. A grid that fills 80 % of the slots is
+not split; otherwise the split count is the smallest whose whole waves of programs take within
+5 % of the best modelled time (a mostly-empty last wave costs a full one), capped so that every
+split keeps at least ``min_chunk`` keys of the longest sequence (the partial outputs cost about
 rows * d_v * 8 bytes per split of extra traffic, large for absorb's 512-wide latent) and at 256.
-Defaults: absorb waves 2, min_chunk 128; gqa waves 2, min_chunk 64. The sequence length used is
-``max_len`` if given, else the cache capacity (no host sync).
+Defaults: absorb 32-row tiles waves 2, 64-row tiles waves 1, min_chunk 128; gqa waves 2,
+min_chunk 64. The sequence length used is ``max_len`` if given, else the cache capacity (no host
+sync).
 
 Tuning knobs (for sweeps on the GPU; see ``DecodeKernelConfig``): an explicit ``config``
 argument wins, then environment variables GQLA_DECODE_<PATH>_<FIELD> (PATH = ABSORB or GQA,
@@ -87,8 +90,9 @@ def _pow2(n: int) -> int:
 # ------------------------------------------------------------------------------------------
 # kernels (plain functions, jitted lazily by _Kernel so that the interpreter choice is made at
 # call time, not at import time). The two partial kernels share the helpers below (Triton
-# inlines them): split range, page ids, cache row offsets, masked row loads, the online-softmax
-# step and the epilogue.
+# inlines them): split range, page ids, cache row offsets, masked row loads, the flash step and
+# the normalisation. The final stores stay inline: a store helper made ptxas spill more at the
+# absorb tile's 255-register cap (offline sm_90 compile).
 # ------------------------------------------------------------------------------------------
 def _split_range(LENS, b, S, cap, nsplit, pid_p, BLOCK_N: tl.constexpr):
     """(cached length L, first key, end key) of split ``pid_p`` of sequence ``b``."""
