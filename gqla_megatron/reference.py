@@ -213,23 +213,32 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def rope_angles(positions_S: Tensor, R: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(cos, sin) of the interleaved-RoPE angles p * base^(-2k/R), k < R/2, computed in float64,
+    cast to ``dtype`` and laid out for ``rotate``: cos2 = [c0, c0, c1, c1, ...] and
+    sin2 = [-s0, s0, -s1, s1, ...], (1, S, R) for (S,) positions, (B, S, R) for (B, S)."""
+    inv_freq = base ** (-torch.arange(0, R, 2, dtype=torch.float64, device=positions_S.device) / R)
+    ang = positions_S.to(torch.float64)[..., None] * inv_freq
+    if ang.ndim == 2:
+        ang = ang[None]
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    return cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)
+
+
+def rotate(x_R: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
+    """Interleaved RoPE rotation of the last dim of ``x`` (B, S, R) or (B, S, H, R) with the
+    (cos2, sin2) of ``rope_angles``: pair k = coords (2k, 2k+1) goes to
+    (x_2k c_k - x_2k+1 s_k, x_2k+1 c_k + x_2k s_k), i.e. x * cos2 + pair_swap(x) * sin2."""
+    if x_R.ndim == 4:
+        cos2, sin2 = cos2[:, :, None, :], sin2[:, :, None, :]      # broadcast over heads
+    swapped = x_R.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)       # (x1, x0, x3, x2, ...)
+    return x_R * cos2 + swapped * sin2
+
+
 def apply_rope(x_R: Tensor, positions_S: Tensor, base: float) -> Tensor:
     """Interleaved RoPE on the last dim (R) of ``x``: pair k = coords (2k, 2k+1) rotates by
     angle p * base^(-2k/R). ``x`` is (B, S, R) or (B, S, H, R); ``positions_S`` is (S,) or (B, S)."""
-    R = x_R.shape[-1]
-    inv_freq = base ** (-torch.arange(0, R, 2, dtype=torch.float64, device=x_R.device) / R)
-    pos = positions_S.to(torch.float64)
-    ang = pos[..., None] * inv_freq                       # (S, R/2) or (B, S, R/2)
-    if ang.ndim == 2:
-        ang = ang[None]                                   # (1, S, R/2)
-    if x_R.ndim == 4:
-        ang = ang[:, :, None, :]                          # broadcast over heads
-    cos, sin = ang.cos().to(x_R.dtype), ang.sin().to(x_R.dtype)
-    x_even, x_odd = x_R[..., 0::2], x_R[..., 1::2]
-    out = torch.empty_like(x_R)
-    out[..., 0::2] = x_even * cos - x_odd * sin
-    out[..., 1::2] = x_even * sin + x_odd * cos
-    return out
+    return rotate(x_R, *rope_angles(positions_S, x_R.shape[-1], base, x_R.dtype))
 
 
 def _positions(start_pos, S: int, device) -> Tensor:
@@ -242,19 +251,33 @@ def _positions(start_pos, S: int, device) -> Tensor:
 
 def project_queries(x_BSD: Tensor, w: GQLAWeights, cfg: GQLAConfig, positions) -> tuple[Tensor, Tensor]:
     """Queries of every head: content part qC (B, S, H, N) and rotated RoPE part qR (B, S, H, R)."""
+    cos, sin = rope_angles(positions, cfg.qk_pos_emb_head_dim, cfg.rotary_base, x_BSD.dtype)
+    cq_pre = None if w.W_DQ is None else x_BSD @ w.W_DQ.T
+    return queries_from_down(x_BSD, cq_pre, w, cfg, cos, sin)
+
+
+def queries_from_down(x_BSD: Tensor, cq_pre: Optional[Tensor], w: GQLAWeights, cfg: GQLAConfig,
+                      cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``project_queries`` after the down-projection: cq_pre = x W_DQ^T (None without a query
+    latent: the up-projection reads x), RoPE (cos, sin) from ``rope_angles``."""
     B, S, _ = x_BSD.shape
     H, N, R = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_pos_emb_head_dim
-    cq = x_BSD if w.W_DQ is None else rms_norm(x_BSD @ w.W_DQ.T, w.q_norm, cfg.layernorm_epsilon)
+    cq = x_BSD if cq_pre is None else rms_norm(cq_pre, w.q_norm, cfg.layernorm_epsilon)
     q_BSHX = (cq @ w.W_UQ.T).view(B, S, H, N + R)
     q_nope_BSHN, q_rope_BSHR = q_BSHX[..., :N], q_BSHX[..., N:]
-    return q_nope_BSHN, apply_rope(q_rope_BSHR, positions, cfg.rotary_base)
+    return q_nope_BSHN, rotate(q_rope_BSHR, cos, sin)
 
 
 def project_latent(x_BSD: Tensor, w: GQLAWeights, cfg: GQLAConfig, positions) -> tuple[Tensor, Tensor]:
     """Normalised latent c (B, S, C) and the rotated shared RoPE key kR (B, S, R)."""
-    c_BSC = rms_norm(x_BSD @ w.W_DKV.T, w.kv_norm, cfg.layernorm_epsilon)
-    k_rope_BSR = apply_rope(x_BSD @ w.W_KR.T, positions, cfg.rotary_base)
-    return c_BSC, k_rope_BSR
+    cos, sin = rope_angles(positions, cfg.qk_pos_emb_head_dim, cfg.rotary_base, x_BSD.dtype)
+    return latent_from_down(x_BSD @ w.W_DKV.T, x_BSD @ w.W_KR.T, w, cfg, cos, sin)
+
+
+def latent_from_down(c_pre: Tensor, kr_pre: Tensor, w: GQLAWeights, cfg: GQLAConfig,
+                     cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``project_latent`` after the down-projections c_pre = x W_DKV^T, kr_pre = x W_KR^T."""
+    return rms_norm(c_pre, w.kv_norm, cfg.layernorm_epsilon), rotate(kr_pre, cos, sin)
 
 
 def expand_latent(c_BTC: Tensor, w: GQLAWeights, cfg: GQLAConfig) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 
 import torch
@@ -68,6 +68,16 @@ def local_attention(w: ref.GQLAWeights, cfg: GQLAConfig, rank: int, tp: int):
                          W_O=W_O.contiguous(), W_DQ=w.W_DQ, q_norm=w.q_norm, kv_norm=w.kv_norm)
     lw.check(lcfg)
     return lcfg, lw
+
+def fuse_down(w: ref.GQLAWeights) -> tuple:
+    """(weights whose W_DQ, W_DKV, W_KR are row views of one stacked matrix, (that matrix, its
+    row counts)): a decode step runs the three down-projections of the same input as one GEMM
+    (W_DQ absent without a query latent)."""
+    names = [n for n in ("W_DQ", "W_DKV", "W_KR") if getattr(w, n) is not None]
+    stacked = torch.cat([getattr(w, n) for n in names], 0).contiguous()
+    sizes = [getattr(w, n).shape[0] for n in names]
+    return replace(w, **dict(zip(names, stacked.split(sizes, 0)))), (stacked, sizes)
+
 
 PATHS = ("absorb", "gqa")
 
@@ -219,6 +229,13 @@ class GQLAEngine:
             cfg, spec, s_q=1 + self.k, batch=max_batch, context=max_seq_len, requested=decode_path,
             dtype_bytes=torch.finfo(dtype).bits // 8, tp=self.tp)
         self.cfg = cfg
+        # decode steps run the three down-projections (W_DQ, W_DKV, W_KR) as one GEMM; the
+        # engine's own layer objects get row views of the stacked weight (no second copy)
+        self.down, self.down_mtp = [], []
+        for layers, down in ((self.mw.layers, self.down), ([m.layer for m in self.mw.mtp[:self.k]], self.down_mtp)):
+            for l in layers:
+                l.attn, d = fuse_down(l.attn)
+                down.append(d)
         mtp_layers = [m.layer for m in self.mw.mtp[:self.k]]
         self.local = [(cfg, l.attn) for l in self.mw.layers]
         self.local_mtp = [(cfg, l.attn) for l in mtp_layers]
@@ -353,23 +370,33 @@ class GQLAEngine:
         """Prefill of one request into cache row b; the last position's logits."""
         return self._prefill_hidden(b, prompt)[-1] @ self.mw.output.T
 
-    def _layer_step(self, h: Tensor, lw: refm.LayerWeights, local, prep: dict, cache: dict,
-                    lengths: Tensor) -> Tensor:
+    def _step_inputs(self, lengths: Tensor, S: int) -> dict:
+        """What every layer of one step shares: positions lengths[b] + s, the batch row index
+        and the RoPE (cos, sin) of those positions (computed once per step, not per layer)."""
+        pos = lengths[:, None] + torch.arange(S, device=self.device)
+        cos, sin = ref.rope_angles(pos, self.cfg.qk_pos_emb_head_dim, self.cfg.rotary_base, self.dtype)
+        return {"pos": pos, "rows": torch.arange(lengths.shape[0], device=self.device)[:, None],
+                "cos": cos, "sin": sin, "lengths": lengths}
+
+    def _layer_step(self, h: Tensor, lw: refm.LayerWeights, local, down, prep: dict, cache: dict,
+                    step: dict) -> Tensor:
         """One layer for S new tokens per sequence at positions lengths[b] + s (B, S, D)."""
         cfg, w = local
         B, S, _ = h.shape
-        pos = lengths[:, None] + torch.arange(S, device=self.device)
-        rows = torch.arange(B, device=self.device)[:, None]
+        pos, rows = step["pos"], step["rows"]
         x = ref.rms_norm(h, lw.input_norm, self.mw.eps)
-        q_nope, q_rope = ref.project_queries(x, w, cfg, pos)
-        c_new, kr_new = ref.project_latent(x, w, cfg, pos)
+        W_down, sizes = down
+        parts = (x @ W_down.T).split(sizes, dim=-1)
+        cq_pre, (c_pre, kr_pre) = (parts[0], parts[1:]) if len(parts) == 3 else (None, parts)
+        q_nope, q_rope = ref.queries_from_down(x, cq_pre, w, cfg, step["cos"], step["sin"])
+        c_new, kr_new = ref.latent_from_down(c_pre, kr_pre, w, cfg, step["cos"], step["sin"])
         cache["k_rope"][rows, pos] = kr_new
         if self.path == "absorb":
             cache["c"][rows, pos] = c_new
         else:
             kn, v = ref.expand_latent(c_new, w, cfg)
             cache["k_nope"][rows, pos], cache["v"][rows, pos] = kn, v
-        o = self.backend.attend(prep, q_nope, q_rope, cache, lengths, cfg)
+        o = self.backend.attend(prep, q_nope, q_rope, cache, step["lengths"], cfg)
         h = h + self._reduce(o.reshape(B, S, -1) @ w.W_O.T)
         return h + refm.mlp(h, lw, self.mw.eps)
 
@@ -378,8 +405,9 @@ class GQLAEngine:
         final-normed hidden (B, S, D))."""
         mw = self.mw
         h = mw.embedding[tokens]
-        for lw, local, prep, cache in zip(mw.layers, self.local, self.prepared, self.caches):
-            h = self._layer_step(h, lw, local, prep, cache, lengths)
+        step = self._step_inputs(lengths, tokens.shape[1])
+        for lw, local, down, prep, cache in zip(mw.layers, self.local, self.down, self.prepared, self.caches):
+            h = self._layer_step(h, lw, local, down, prep, cache, step)
         h = ref.rms_norm(h, mw.final_norm, mw.eps)
         return h @ mw.output.T, h
 
@@ -388,8 +416,9 @@ class GQLAEngine:
         (its final-normed output (B, S, D),)."""
         m = self.mw.mtp[depth - 1]
         x = refm.mtp_input(h_prev, next_tokens, m, self.mw)
-        h = self._layer_step(x, m.layer, self.local_mtp[depth - 1], self.prepared_mtp[depth - 1],
-                             self.mtp_caches[depth - 1], lengths)
+        h = self._layer_step(x, m.layer, self.local_mtp[depth - 1], self.down_mtp[depth - 1],
+                             self.prepared_mtp[depth - 1], self.mtp_caches[depth - 1],
+                             self._step_inputs(lengths, next_tokens.shape[1]))
         return (ref.rms_norm(h, m.final_norm, self.mw.eps),)
 
     def _run(self, key, fn, *inputs):

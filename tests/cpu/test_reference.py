@@ -141,6 +141,28 @@ def test_rope_is_a_rotation_with_relative_scores():
     assert abs(ref.apply_rope(q, torch.tensor([5]), 1e4).norm() - q.norm()) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rope_equals_the_even_odd_formula_bit_for_bit(dtype):
+    """rotate's x * cos2 + pair_swap(x) * sin2 is the textbook pairwise rotation with the same
+    roundings (a - b == a + (-b), a + b == b + a): equal bit for bit, for (S,) and (B, S)
+    positions, with and without a head dim."""
+    g = torch.Generator().manual_seed(1)
+    R, base = 16, 5e5
+    inv = base ** (-torch.arange(0, R, 2, dtype=torch.float64) / R)
+    for x, pos in ((torch.randn(2, 5, 3, R, generator=g), torch.randint(0, 9000, (2, 5), generator=g)),
+                   (torch.randn(2, 5, R, generator=g), torch.arange(5))):
+        x = x.to(dtype)
+        ang = pos.to(torch.float64)[..., None] * inv
+        ang = ang if ang.ndim == 3 else ang[None]
+        if x.ndim == 4:
+            ang = ang[:, :, None, :]
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        want = torch.empty_like(x)
+        want[..., 0::2] = x[..., 0::2] * cos - x[..., 1::2] * sin
+        want[..., 1::2] = x[..., 0::2] * sin + x[..., 1::2] * cos
+        assert torch.equal(ref.apply_rope(x, pos, base), want)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_shapes(seed):
     r = torch.Generator().manual_seed(100 + seed)
