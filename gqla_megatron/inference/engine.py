@@ -69,6 +69,7 @@ def local_attention(w: ref.GQLAWeights, cfg: GQLAConfig, rank: int, tp: int):
     lw.check(lcfg)
     return lcfg, lw
 
+
 def fuse_down(w: ref.GQLAWeights) -> tuple:
     """(weights whose W_DQ, W_DKV, W_KR are row views of one stacked matrix, (that matrix, its
     row counts)): a decode step runs the three down-projections of the same input as one GEMM
@@ -231,12 +232,12 @@ class GQLAEngine:
         self.cfg = cfg
         # decode steps run the three down-projections (W_DQ, W_DKV, W_KR) as one GEMM; the
         # engine's own layer objects get row views of the stacked weight (no second copy)
+        mtp_layers = [m.layer for m in self.mw.mtp[:self.k]]
         self.down, self.down_mtp = [], []
-        for layers, down in ((self.mw.layers, self.down), ([m.layer for m in self.mw.mtp[:self.k]], self.down_mtp)):
+        for layers, down in ((self.mw.layers, self.down), (mtp_layers, self.down_mtp)):
             for l in layers:
                 l.attn, d = fuse_down(l.attn)
                 down.append(d)
-        mtp_layers = [m.layer for m in self.mw.mtp[:self.k]]
         self.local = [(cfg, l.attn) for l in self.mw.layers]
         self.local_mtp = [(cfg, l.attn) for l in mtp_layers]
         if self.tp > 1:
