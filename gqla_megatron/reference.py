@@ -251,33 +251,26 @@ def _positions(start_pos, S: int, device) -> Tensor:
 
 def project_queries(x_BSD: Tensor, w: GQLAWeights, cfg: GQLAConfig, positions) -> tuple[Tensor, Tensor]:
     """Queries of every head: content part qC (B, S, H, N) and rotated RoPE part qR (B, S, H, R)."""
-    cos, sin = rope_angles(positions, cfg.qk_pos_emb_head_dim, cfg.rotary_base, x_BSD.dtype)
-    cq_pre = None if w.W_DQ is None else x_BSD @ w.W_DQ.T
-    return queries_from_down(x_BSD, cq_pre, w, cfg, cos, sin)
+    cos2, sin2 = rope_angles(positions, cfg.qk_pos_emb_head_dim, cfg.rotary_base, x_BSD.dtype)
+    cq = x_BSD if w.W_DQ is None else rms_norm(x_BSD @ w.W_DQ.T, w.q_norm, cfg.layernorm_epsilon)
+    return queries_from_latent(cq, w, cfg, cos2, sin2)
 
 
-def queries_from_down(x_BSD: Tensor, cq_pre: Optional[Tensor], w: GQLAWeights, cfg: GQLAConfig,
-                      cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """``project_queries`` after the down-projection: cq_pre = x W_DQ^T (None without a query
-    latent: the up-projection reads x), RoPE (cos, sin) from ``rope_angles``."""
-    B, S, _ = x_BSD.shape
+def queries_from_latent(cq_BSQ: Tensor, w: GQLAWeights, cfg: GQLAConfig, cos2: Tensor,
+                        sin2: Tensor) -> tuple[Tensor, Tensor]:
+    """``project_queries`` from the normalised query latent cq (the layer input x without a
+    query latent) and the RoPE (cos2, sin2) of ``rope_angles``."""
+    B, S, _ = cq_BSQ.shape
     H, N, R = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_pos_emb_head_dim
-    cq = x_BSD if cq_pre is None else rms_norm(cq_pre, w.q_norm, cfg.layernorm_epsilon)
-    q_BSHX = (cq @ w.W_UQ.T).view(B, S, H, N + R)
+    q_BSHX = (cq_BSQ @ w.W_UQ.T).view(B, S, H, N + R)
     q_nope_BSHN, q_rope_BSHR = q_BSHX[..., :N], q_BSHX[..., N:]
-    return q_nope_BSHN, rotate(q_rope_BSHR, cos, sin)
+    return q_nope_BSHN, rotate(q_rope_BSHR, cos2, sin2)
 
 
 def project_latent(x_BSD: Tensor, w: GQLAWeights, cfg: GQLAConfig, positions) -> tuple[Tensor, Tensor]:
     """Normalised latent c (B, S, C) and the rotated shared RoPE key kR (B, S, R)."""
-    cos, sin = rope_angles(positions, cfg.qk_pos_emb_head_dim, cfg.rotary_base, x_BSD.dtype)
-    return latent_from_down(x_BSD @ w.W_DKV.T, x_BSD @ w.W_KR.T, w, cfg, cos, sin)
-
-
-def latent_from_down(c_pre: Tensor, kr_pre: Tensor, w: GQLAWeights, cfg: GQLAConfig,
-                     cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """``project_latent`` after the down-projections c_pre = x W_DKV^T, kr_pre = x W_KR^T."""
-    return rms_norm(c_pre, w.kv_norm, cfg.layernorm_epsilon), rotate(kr_pre, cos, sin)
+    c_BSC = rms_norm(x_BSD @ w.W_DKV.T, w.kv_norm, cfg.layernorm_epsilon)
+    return c_BSC, apply_rope(x_BSD @ w.W_KR.T, positions, cfg.rotary_base)
 
 
 def expand_latent(c_BTC: Tensor, w: GQLAWeights, cfg: GQLAConfig) -> tuple[Tensor, Tensor]:

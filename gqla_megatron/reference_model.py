@@ -80,7 +80,12 @@ class ModelWeights:
 
 def mlp(h: Tensor, lw: LayerWeights, eps: float) -> Tensor:
     """SwiGLU MLP of one layer (pre-norm inside), Megatron's fc1 layout [gate ; up]."""
-    gate, up = (ref.rms_norm(h, lw.mlp_norm, eps) @ lw.W_fc1.T).chunk(2, dim=-1)
+    return mlp_from_normed(ref.rms_norm(h, lw.mlp_norm, eps), lw)
+
+
+def mlp_from_normed(x: Tensor, lw: LayerWeights) -> Tensor:
+    """``mlp`` after its pre-norm: silu(gate) * up, then the down-projection."""
+    gate, up = (x @ lw.W_fc1.T).chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up) @ lw.W_fc2.T
 
 

@@ -70,6 +70,15 @@ def local_attention(w: ref.GQLAWeights, cfg: GQLAConfig, rank: int, tp: int):
     return lcfg, lw
 
 
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """The decode step's RMSNorm: torch's ``F.rms_norm`` (same ops and bits as
+    ``reference.rms_norm`` in fp32 / fp64 on CPU, tested; low-precision inputs are reduced in
+    fp32; one op in place of six, which torch may run as one fused kernel on CUDA)."""
+    if weight is None:
+        return x
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def fuse_down(w: ref.GQLAWeights) -> tuple:
     """(weights whose W_DQ, W_DKV, W_KR are row views of one stacked matrix, (that matrix, its
     row counts)): a decode step runs the three down-projections of the same input as one GEMM
@@ -384,13 +393,14 @@ class GQLAEngine:
         """One layer for S new tokens per sequence at positions lengths[b] + s (B, S, D)."""
         cfg, w = local
         B, S, _ = h.shape
-        pos, rows = step["pos"], step["rows"]
-        x = ref.rms_norm(h, lw.input_norm, self.mw.eps)
+        pos, rows, eps = step["pos"], step["rows"], cfg.layernorm_epsilon
+        x = rms_norm(h, lw.input_norm, self.mw.eps)
         W_down, sizes = down
         parts = (x @ W_down.T).split(sizes, dim=-1)
         cq_pre, (c_pre, kr_pre) = (parts[0], parts[1:]) if len(parts) == 3 else (None, parts)
-        q_nope, q_rope = ref.queries_from_down(x, cq_pre, w, cfg, step["cos"], step["sin"])
-        c_new, kr_new = ref.latent_from_down(c_pre, kr_pre, w, cfg, step["cos"], step["sin"])
+        cq = x if cq_pre is None else rms_norm(cq_pre, w.q_norm, eps)
+        q_nope, q_rope = ref.queries_from_latent(cq, w, cfg, step["cos"], step["sin"])
+        c_new, kr_new = rms_norm(c_pre, w.kv_norm, eps), ref.rotate(kr_pre, step["cos"], step["sin"])
         cache["k_rope"][rows, pos] = kr_new
         if self.path == "absorb":
             cache["c"][rows, pos] = c_new
@@ -399,7 +409,7 @@ class GQLAEngine:
             cache["k_nope"][rows, pos], cache["v"][rows, pos] = kn, v
         o = self.backend.attend(prep, q_nope, q_rope, cache, step["lengths"], cfg)
         h = h + self._reduce(o.reshape(B, S, -1) @ w.W_O.T)
-        return h + refm.mlp(h, lw, self.mw.eps)
+        return h + refm.mlp_from_normed(rms_norm(h, lw.mlp_norm, self.mw.eps), lw)
 
     def _main_step(self, tokens: Tensor, lengths: Tensor) -> tuple:
         """The main model on tokens (B, S) at positions lengths[b] + s: (logits (B, S, vocab),
@@ -409,7 +419,7 @@ class GQLAEngine:
         step = self._step_inputs(lengths, tokens.shape[1])
         for lw, local, down, prep, cache in zip(mw.layers, self.local, self.down, self.prepared, self.caches):
             h = self._layer_step(h, lw, local, down, prep, cache, step)
-        h = ref.rms_norm(h, mw.final_norm, mw.eps)
+        h = rms_norm(h, mw.final_norm, mw.eps)
         return h @ mw.output.T, h
 
     def _mtp_step(self, depth: int, h_prev: Tensor, next_tokens: Tensor, lengths: Tensor) -> tuple:
@@ -420,7 +430,7 @@ class GQLAEngine:
         h = self._layer_step(x, m.layer, self.local_mtp[depth - 1], self.down_mtp[depth - 1],
                              self.prepared_mtp[depth - 1], self.mtp_caches[depth - 1],
                              self._step_inputs(lengths, next_tokens.shape[1]))
-        return (ref.rms_norm(h, m.final_norm, self.mw.eps),)
+        return (rms_norm(h, m.final_norm, self.mw.eps),)
 
     def _run(self, key, fn, *inputs):
         if self._graphs is None:

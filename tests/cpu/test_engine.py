@@ -215,3 +215,20 @@ def test_train_mtp_then_serve_speculative(tmp_path):
     bad = subprocess.run(serve + ["--mtp-speculative", "--temperature", "0.5"], capture_output=True, text=True,
                          timeout=300, env=env)
     assert bad.returncode == 2 and "greedy only" in bad.stderr
+
+
+def test_step_rms_norm_is_the_reference_norm():
+    """The decode step's RMSNorm (torch's F.rms_norm) gives the reference's bits in fp32 and
+    fp64 on CPU, and reduces bf16 inputs in fp32 (at least as close to the fp64 norm)."""
+    from gqla_megatron import reference as ref
+    from gqla_megatron.inference.engine import rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 3, 96, generator=g), torch.randn(96, generator=g)
+    for dt in (torch.float32, torch.float64):
+        assert torch.equal(rms_norm(x.to(dt), w.to(dt), 1e-5), ref.rms_norm(x.to(dt), w.to(dt), 1e-5))
+    exact = ref.rms_norm(x.double(), w.double(), 1e-5)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    err = lambda y: (y.double() - exact).abs().max().item()  # noqa: E731
+    assert err(rms_norm(xb, wb, 1e-5)) <= err(ref.rms_norm(xb, wb, 1e-5))
+    assert rms_norm(x, None, 1e-5) is x
