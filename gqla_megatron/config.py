@@ -101,6 +101,13 @@ class GQLAConfig:
         """GQA cache -> latent cache is exact iff W_UKV (g(d_n+d_v) x r) can have full column rank."""
         return self.num_query_groups * (self.qk_head_dim + self.v_head_dim) >= self.kv_lora_rank
 
+    def megatron_shape(self) -> dict:
+        """The GQLA dims as Megatron config fields (the ``shape`` of
+        ``training.models.transformer_config``)."""
+        return dict(num_query_groups=self.num_query_groups, kv_lora_rank=self.kv_lora_rank,
+                    q_lora_rank=self.q_lora_rank, qk_head_dim=self.qk_head_dim,
+                    qk_pos_emb_head_dim=self.qk_pos_emb_head_dim, v_head_dim=self.v_head_dim)
+
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -794,6 +794,19 @@ def _single_process_model_parallel():
             dist.destroy_process_group()
 
 
+def gqla_megatron_config(gcfg, *, num_layers: int, ffn_hidden_size: int, dtype: torch.dtype,
+                         eps: float, **overrides):
+    """Megatron GQLATransformerConfig of a GQLAConfig model with gqla-convert's fixed settings
+    (``overrides``: further TransformerConfig fields, e.g. tensor_model_parallel_size)."""
+    from gqla_megatron.training.models import transformer_config
+
+    common = _megatron_common(num_layers, gcfg.hidden_size, ffn_hidden_size, gcfg.num_attention_heads,
+                              dtype, eps)
+    common.update(overrides)
+    return transformer_config("gqla", common, gcfg.megatron_shape(), rotary_base=gcfg.rotary_base,
+                              qk_layernorm=gcfg.qk_layernorm)
+
+
 def _megatron_common(num_layers, D, F, H, dtype, eps):
     return dict(num_layers=num_layers, hidden_size=D, ffn_hidden_size=F, num_attention_heads=H,
                 tensor_model_parallel_size=1, pipeline_model_parallel_size=1, params_dtype=dtype,
@@ -844,18 +857,12 @@ class GPTCheckpointWriter:
         from gqla_megatron.training.models import build_model, transformer_config
 
         s = self.shape
-        common = _megatron_common(s["num_layers"], s["hidden_size"], s["ffn_hidden_size"],
-                                  s["num_attention_heads"], self.dtype, self.eps)
         if self.attention == "gqla":
-            c = self.gqla
-            shape = dict(num_query_groups=c.num_query_groups, kv_lora_rank=c.kv_lora_rank,
-                         q_lora_rank=c.q_lora_rank, qk_head_dim=c.qk_head_dim,
-                         qk_pos_emb_head_dim=c.qk_pos_emb_head_dim, v_head_dim=c.v_head_dim)
-            from gqla_megatron.megatron import GQLATransformerConfig
-
-            config = GQLATransformerConfig(**common, **shape, qk_layernorm=c.qk_layernorm,
-                                           rotary_base=c.rotary_base)
+            config = gqla_megatron_config(self.gqla, num_layers=s["num_layers"],
+                                          ffn_hidden_size=s["ffn_hidden_size"], dtype=self.dtype, eps=self.eps)
         else:
+            common = _megatron_common(s["num_layers"], s["hidden_size"], s["ffn_hidden_size"],
+                                      s["num_attention_heads"], self.dtype, self.eps)
             config = transformer_config("gqa", common, dict(num_query_groups=self.num_query_groups,
                                                              qk_head_dim=self.head_dim))
         self.config = config
@@ -937,10 +944,7 @@ def save_gqla_model(mw, cfg, out_dir: str, *, seq_length: int, dtype: torch.dtyp
                     tensor_model_parallel_size=1, pipeline_model_parallel_size=1, transformer_impl="local",
                     bf16=dtype == torch.bfloat16, mtp_num_layers=None, rotary_base=cfg.rotary_base,
                     layernorm_epsilon=cfg.layernorm_epsilon, untie_embeddings_and_output_weights=True,
-                    num_query_groups=cfg.num_query_groups, kv_lora_rank=cfg.kv_lora_rank,
-                    q_lora_rank=cfg.q_lora_rank, qk_head_dim=cfg.qk_head_dim,
-                    qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim, v_head_dim=cfg.v_head_dim,
-                    qk_layernorm=cfg.qk_layernorm, **(extra_args or {}))
+                    **cfg.megatron_shape(), qk_layernorm=cfg.qk_layernorm, **(extra_args or {}))
         return wr.save(out_dir, args=args, root_files=root_files, copy_files=copy_files)
 
 

@@ -124,14 +124,17 @@ def convert(src, out, prefix, target_tp):
 
 
 def megatron_gqla_logits(ckpt, gcfg, tp, tok):
-    from gqla_megatron.megatron import GQLATransformerConfig, build_gqla_gpt_model
+    from gqla_megatron.megatron import build_gqla_gpt_model
 
+    # the converted model's Megatron config: the source's shape, no latent norms, RoPE base 1e4
+    assert (gcfg.hidden_size, gcfg.num_attention_heads) == (D, H) and not gcfg.qk_layernorm
+    assert gcfg.megatron_shape() == dict(num_query_groups=G, kv_lora_rank=gcfg.kv_lora_rank, q_lora_rank=None,
+                                         qk_head_dim=HD, qk_pos_emb_head_dim=HD, v_head_dim=HD)
+    assert gcfg.rotary_base == 10000.0
     with model_parallel(tp, 1):
-        common = mio._megatron_common(LAYERS, D, F, H, torch.float32, 1e-5)
-        common.update(tensor_model_parallel_size=tp, perform_initialization=True)
-        config = GQLATransformerConfig(**common, num_query_groups=G, kv_lora_rank=gcfg.kv_lora_rank,
-                                       q_lora_rank=None, qk_head_dim=HD, qk_pos_emb_head_dim=HD, v_head_dim=HD,
-                                       qk_layernorm=False, rotary_base=10000.0)
+        config = mio.gqla_megatron_config(gcfg, num_layers=LAYERS, ffn_hidden_size=F, dtype=torch.float32,
+                                          eps=1e-5, tensor_model_parallel_size=tp,
+                                          perform_initialization=True)
         model = build_gqla_gpt_model(config, vocab_size=V, max_sequence_length=64)
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), os.path.join(ckpt, "iter_0000000")))
         with torch.no_grad():
