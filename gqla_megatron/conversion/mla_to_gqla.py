@@ -94,6 +94,7 @@ from torch import Tensor
 from gqla_megatron import reference as ref
 from gqla_megatron import reference_model as rm
 from gqla_megatron.config import GQLAConfig
+from gqla_megatron.conversion.transgqla import nll_tap_grads
 
 __all__ = ["Moment", "LatentStats", "MLALayerReport", "MLAConversionReport",
            "collect_latent_stats", "per_head_up_proj", "group_heads", "head_similarity",
@@ -196,18 +197,11 @@ def collect_latent_stats(mw: rm.ModelWeights, cfg: GQLAConfig, calib_tokens: Ten
                 _, lat = _forward_tapped(tok, mw, cfg)
             wk = wv = [torch.ones(B * S, dtype=F64)] * L
         else:
-            dt = mw.embedding.dtype
-            taps = [(torch.zeros(B, S, G, N, dtype=dt, requires_grad=True),
-                     torch.zeros(B, S, G, V, dtype=dt, requires_grad=True)) for _ in range(L)]
-            with torch.enable_grad():
-                logits, lat = _forward_tapped(tok, mw, cfg, taps)
-                nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tok[:, 1:].reshape(-1),
-                    reduction="sum")
-                grads = torch.autograd.grad(nll, [t for pair in taps for t in pair])
+            lat, grads = nll_tap_grads(tok, lambda taps: _forward_tapped(tok, mw, cfg, taps),
+                                       [((B, S, G, N), (B, S, G, V))] * L, mw.embedding.dtype)
             lat = [c.detach() for c in lat]
-            wk = [grads[2 * l].to(F64).pow(2).sum((2, 3)).reshape(-1) for l in range(L)]
-            wv = [grads[2 * l + 1].to(F64).pow(2).sum((2, 3)).reshape(-1) for l in range(L)]
+            wk = [gk.to(F64).pow(2).sum((2, 3)).reshape(-1) for gk, _ in grads]
+            wv = [gv.to(F64).pow(2).sum((2, 3)).reshape(-1) for _, gv in grads]
         for l in range(L):
             c = lat[l].reshape(-1, C).to(F64)
             for m, wt in ((acc[l][0], wk[l]), (acc[l][1], wv[l])):

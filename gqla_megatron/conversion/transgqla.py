@@ -159,6 +159,23 @@ def gqa_forward_tapped(tokens_BS: Tensor, w: GQAModelWeights, cfg: GQAModelConfi
     return ref.rms_norm(h, w.final_norm, cfg.eps) @ w.output.T, xs
 
 
+def nll_tap_grads(tokens_BS: Tensor, forward_tapped, tap_shapes, dtype: torch.dtype):
+    """Gradients of the next-token NLL (summed over the batch) w.r.t. zero-valued taps added to
+    each layer's keys and values: (the forward's second output, [(grad_k, grad_v) per layer]).
+    ``forward_tapped(taps)`` -> (logits (B, S, vocab), anything); ``tap_shapes``: one
+    (key shape, value shape) per layer. The squared gradients are the diagonal Fisher weights
+    of the Hessian-weighted statistics."""
+    taps = [(torch.zeros(sk, dtype=dtype, requires_grad=True), torch.zeros(sv, dtype=dtype, requires_grad=True))
+            for sk, sv in tap_shapes]
+    with torch.enable_grad():
+        logits, extra = forward_tapped(taps)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens_BS[:, 1:].reshape(-1),
+            reduction="sum")
+        grads = torch.autograd.grad(nll, [t for pair in taps for t in pair])
+    return extra, [(grads[2 * l], grads[2 * l + 1]) for l in range(len(taps))]
+
+
 def _hessian_stats(w: GQAModelWeights, cfg: GQAModelConfig, calib_tokens: Tensor,
                    batch: int) -> List[LayerStats]:
     D, L, gd = cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads * cfg.head_dim
@@ -170,20 +187,12 @@ def _hessian_stats(w: GQAModelWeights, cfg: GQAModelConfig, calib_tokens: Tensor
         tok = calib_tokens[i:i + batch]
         B, S = tok.shape
         count += B * S
-        dt = w.embedding.dtype
-        taps = [(torch.zeros(B, S, gd, dtype=dt, requires_grad=True),
-                 torch.zeros(B, S, gd, dtype=dt, requires_grad=True)) for _ in range(L)]
-        with torch.enable_grad():
-            logits, xs = gqa_forward_tapped(tok, w, cfg, taps)
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tok[:, 1:].reshape(-1),
-                reduction="sum")
-            grads = torch.autograd.grad(nll, [t for pair in taps for t in pair])
-        del logits, nll
+        xs, grads = nll_tap_grads(tok, lambda taps: gqa_forward_tapped(tok, w, cfg, taps),
+                                  [((B, S, gd), (B, S, gd))] * L, w.embedding.dtype)
         for l in range(L):
             x2 = xs[l].detach().reshape(-1, D).to(F64)
-            ak = grads[2 * l].to(F64).pow(2).sum(-1).reshape(-1)
-            av = grads[2 * l + 1].to(F64).pow(2).sum(-1).reshape(-1)
+            ak = grads[l][0].to(F64).pow(2).sum(-1).reshape(-1)
+            av = grads[l][1].to(F64).pow(2).sum(-1).reshape(-1)
             xk[l] += (x2 * ak[:, None]).T @ x2
             xv[l] += (x2 * av[:, None]).T @ x2
             sk[l] += float(ak.sum())
