@@ -59,6 +59,7 @@ mode, at their first call. Two interpreter bugs of Triton 3.6 are worked around:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -492,8 +493,10 @@ def resolve_config(path: str, rows: int, dtype: torch.dtype,
     return cfg, explicit
 
 
+@functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 8 stands in for the CPU interpreter."""
+    """Streaming multiprocessors of a CUDA device; 8 stands in for the CPU interpreter. Cached:
+    the combine launch asks on every decode call."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8
