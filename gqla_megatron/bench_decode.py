@@ -72,6 +72,7 @@ SHAPES = {
     "h128": dict(heads=128, groups=8, kv_lora_rank=512, rope_dim=64, qk_head_dim=128, v_head_dim=128),
 }
 PEERS = ("bmm", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash", "flex")
+KERNELS = ("triton", "tilelang")   # ours; the summary compares each against the stock PEERS
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -177,6 +178,29 @@ def time_method(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
             err = f"cuda graph capture failed ({_short(e, 120)}); eager time"
             return time_fn(fn, dev, warmup=warmup, iters=iters, flush=flush), "eager", err
     return time_fn(fn, dev, warmup=warmup, iters=iters, flush=flush), "eager", None
+
+
+def _method_tilelang(path, shp, x):
+    """The warp-specialised TileLang absorb kernel (sm_90; kernels/tilelang_decode.py)."""
+    if path != "absorb":
+        raise NotApplicable("the tilelang kernel covers the absorb path only")
+    from gqla_megatron.kernels import tilelang_decode as tld
+    from gqla_megatron.kernels import triton_decode as td
+
+    problems = tld.absorb_problems(x["q"].device, x["q"].dtype, kv_lora_rank=shp.kv_lora_rank,
+                                   rope_dim=shp.rope_dim)
+    if problems:
+        raise NotApplicable("; ".join(problems))
+    paged = "block_table" in x
+    c, kr = (x["c_paged"], x["k_rope_paged"]) if paged else (x["c"], x["k_rope"])
+    out = torch.empty_like(x["q"])
+    fn = lambda: tld.absorb_decode(x["q"], x["q_rope"], c, kr, x["lengths"], x["scale"],  # noqa: E731
+                                   block_table=x.get("block_table"), out=out, max_len=x["L"], validate=False)
+    rows = x["S"] * shp.heads
+    units = x["B"] * -(-rows // tld.BLOCK_M)
+    nsplit = td.choose_num_splits(units, x["L"], td.num_sms(x["q"].device), waves=tld.WAVES,
+                                  min_chunk=tld.MIN_CHUNK, block_n=tld.BLOCK_N)
+    return fn, None, {"num_splits": nsplit, "paged": bool(paged)}
 
 
 def measure_rates(dev: torch.device, *, copy_mib: int, gemm_n: int, iters: int = 10) -> dict:
@@ -434,7 +458,7 @@ def _short(e: BaseException, n: int = 160) -> str:
     return f"{type(e).__name__}: {msg[:n]}{'...' if len(msg) > n else ''}"
 
 
-METHODS = {"triton": _method_triton, "bmm": _method_bmm, "sdpa_cudnn": _method_sdpa("sdpa_cudnn"),
+METHODS = {"triton": _method_triton, "tilelang": _method_tilelang, "bmm": _method_bmm, "sdpa_cudnn": _method_sdpa("sdpa_cudnn"),
            "sdpa_efficient": _method_sdpa("sdpa_efficient"), "sdpa_flash": _method_sdpa("sdpa_flash"),
            "flex": _method_flex}
 
@@ -506,7 +530,7 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
         finally:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        if m in ("triton", "bmm"):   # same row order: (B, s_q * h_q, d_v)
+        if m in ("triton", "tilelang", "bmm"):   # same row order: (B, s_q * h_q, d_v)
             outs[m] = fn().reshape(B, S * shp.heads, -1).float()
         nbytes = nbytes or ideal_bytes
         tbps, tflops = nbytes / t / 1e12, fl / t / 1e12
@@ -516,10 +540,12 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
         if why:
             row["timing_note"] = why
         rows.append(row)
-    if len(outs) == 2:   # sanity: the kernel agrees with the stock math on this cell
-        a, b = outs["triton"], outs["bmm"]
-        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-        next(r for r in rows if r["method"] == "triton")["rel_l2_vs_bmm"] = err
+    if "bmm" in outs:   # sanity: our kernels agree with the stock math on this cell
+        b = outs["bmm"]
+        for k in KERNELS:
+            if k in outs:
+                err = ((outs[k] - b).norm() / b.norm().clamp_min(1e-30)).item()
+                next(r for r in rows if r["method"] == k)["rel_l2_vs_bmm"] = err
     del x, outs
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -534,13 +560,18 @@ def summarize(rows: List[dict]) -> List[dict]:
     out = []
     for (path, B, L, S), ms in cells.items():
         t = ms.get("triton")
-        peers = {m: r for m, r in ms.items() if m != "triton" and r.get("status") == "ok"}
+        peers = {m: r for m, r in ms.items() if m not in KERNELS and r.get("status") == "ok"}
         best = min(peers.items(), key=lambda kv: kv[1]["time_us"]) if peers else None
         s = {"path": path, "B": B, "L": L, "s_q": S, "triton": t,
              "best_peer": best[0] if best else None, "best_peer_us": best[1]["time_us"] if best else None}
         if t and t.get("status") == "ok":
             s["x_best_peer"] = best[1]["time_us"] / t["time_us"] if best else None
             s["x_bmm"] = peers["bmm"]["time_us"] / t["time_us"] if "bmm" in peers else None
+        tl_ = ms.get("tilelang")
+        if tl_ and tl_.get("status") == "ok":
+            s["tilelang"] = tl_
+            if t and t.get("status") == "ok":
+                s["tilelang_x_triton"] = t["time_us"] / tl_["time_us"]
         out.append(s)
     return out
 
@@ -572,6 +603,19 @@ def markdown(result: dict) -> str:
             lines.append(f"| {s['B']} | {s['L']} | {s['s_q']} | " + " | ".join(cols) + " | "
                          f"{s['best_peer'] or '-'} | {fmt(s['best_peer_us'], '.1f')} | "
                          f"{fmt(s.get('x_best_peer'), '.2f')} | {fmt(s.get('x_bmm'), '.2f')} | "
+                         f"{fmt(t.get('rel_l2_vs_bmm'), '.1e')} |")
+        lines.append("")
+    tls = [s for s in result["summary"] if s.get("tilelang")]
+    if tls:
+        lines += ["## absorb, TileLang kernel (warp-specialised, sm_90)", "",
+                  "| B | L | s_q | tilelang us | TB/s | % copy | TFLOP/s | % matmul | splits | x triton | x best peer | rel err vs bmm |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for s in sorted(tls, key=lambda s: (s["s_q"], s["B"], s["L"])):
+            t = s["tilelang"]
+            lines.append(f"| {s['B']} | {s['L']} | {s['s_q']} | {t['time_us']:.1f} | {t['tbps']:.2f} | "
+                         f"{t['pct_copy']:.0f} | {t['tflops']:.1f} | {t['pct_gemm']:.0f} | "
+                         f"{t['note']['num_splits']} | {fmt(s.get('tilelang_x_triton'), '.2f')} | "
+                         f"{fmt(s['best_peer_us'] / t['time_us'] if s['best_peer_us'] else None, '.2f')} | "
                          f"{fmt(t.get('rel_l2_vs_bmm'), '.1e')} |")
         lines.append("")
     eager = sorted({(r["method"], r["path"], r["timing_note"]) for r in result["rows"] if r.get("timing_note")})
@@ -744,6 +788,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=0, help="paged cache for the triton kernels (0 = contiguous)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma list of peers (default {','.join(PEERS)}; '' for none)")
     p.add_argument("--no-triton", action="store_true", help="peers only")
+    p.add_argument("--kernels", default="triton",
+                   help="comma list of our kernels to time: triton, tilelang (absorb path, sm_90, "
+                        "needs the tilelang package) (default triton)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per method (default 3)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per method (default 10)")
     p.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -815,7 +862,10 @@ def _cmd_decode(args, parser) -> int:
                       json.dumps({"rates": rates, "shapes": dataclasses.asdict(shp), "sweep": res}, indent=1))
         print(f"wrote {os.path.join(args.out, 'decode_sweep.json')}")
         return 0
-    methods = ([] if args.no_triton else ["triton"]) + peers
+    kernels = [k for k in _parse_list(args.kernels, str) if not (args.no_triton and k == "triton")]
+    if bad := [k for k in kernels if k not in KERNELS]:
+        parser.error(f"--kernels: unknown {bad}; choose from {', '.join(KERNELS)}")
+    methods = kernels + peers
     rows = []
     t0 = time.time()
     for path in grid["path"]:

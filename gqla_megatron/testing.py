@@ -88,7 +88,12 @@ def model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Iterator[None]
         ps.destroy_model_parallel()
 
 
-from gqla_megatron.megatron.sharding import global_layer_key  # noqa: E402  (torch-only module)
+def _global_key(name: str, offset: int) -> str:
+    # imported here: gqla_megatron.megatron's package init imports megatron-core, which the
+    # kernel tests on a bare GPU machine (no devkit) do not have
+    from gqla_megatron.megatron.sharding import global_layer_key
+
+    return global_layer_key(name, offset)
 
 
 def _layer_offset(model) -> int:
@@ -117,7 +122,7 @@ def load_full_state_dict(model, full: Dict[str, torch.Tensor]) -> None:
     offset = _layer_offset(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            src = full[global_layer_key(name, offset)]
+            src = full[_global_key(name, offset)]
             p.copy_(_tp_slice(name, p, src, model.config).to(p.dtype))
 
 
@@ -134,7 +139,7 @@ def grad_errors(model, full_grads: Dict[str, torch.Tensor], *, sequence_parallel
         g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         if sequence_parallel and getattr(p, "sequence_parallel", False):
             dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
-        out[name] = compare(g, _tp_slice(name, p, full_grads[global_layer_key(name, offset)], model.config))
+        out[name] = compare(g, _tp_slice(name, p, full_grads[_global_key(name, offset)], model.config))
     return out
 
 

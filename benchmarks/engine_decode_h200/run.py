@@ -146,9 +146,12 @@ def main(argv=None):
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the script only")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                    help="which step kinds to time (default: all)")
-    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch"],
-                   help="decode backends: auto (the registry's first choice: Triton on CUDA) and/or the stock "
-                        "torch backends, timed side by side")
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "triton", "torch"],
+                   help="decode backends, timed side by side: auto (the registry's first choice: on an H200 "
+                        "tilelang_absorb / triton_gqa), triton (triton_<path>) and/or torch (the stock "
+                        "torch_<path>)")
+    p.add_argument("--paths", nargs="+", default=["absorb", "gqa"], choices=["absorb", "gqa"],
+                   help="decode paths to time (default both)")
     args = p.parse_args(argv)
     global BATCHES, CONTEXTS
     if args.cpu_smoke:
@@ -177,7 +180,7 @@ def main(argv=None):
     order = [(m, b, c, be) for m in modes for c in CONTEXTS for b in BATCHES for be in args.backends]
     for (mode, spec_on, graphs), batch, context, backend_family in order:
         s_q = 2 if spec_on else 1
-        for path in ("absorb", "gqa"):
+        for path in args.paths:
             cell = {"mode": mode, "cuda_graphs": graphs, "path": path, "batch": batch, "context": context, "s_q": s_q,
                     "backend_request": backend_family}
             out["cells"].append(cell)
@@ -195,7 +198,7 @@ def main(argv=None):
             try:
                 eng = GQLAEngine(mw, cfg, decode_path=path, max_batch=batch, max_seq_len=capacity, device=dev,
                                  dtype=dtype, device_spec=table, speculative=spec_on, cuda_graphs=graphs,
-                                 decode_backend="auto" if backend_family == "auto" else f"torch_{path}")
+                                 decode_backend="auto" if backend_family == "auto" else f"{backend_family}_{path}")
                 cell["backend"] = eng.backend.name
                 cell.update(time_cell(eng, batch, context, max_s=args.max_cell_s))
                 if spec_on:

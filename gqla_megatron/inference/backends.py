@@ -5,7 +5,7 @@ Stock PyTorch backends (any device):
   torch_absorb  MQA-absorb path: latent cache [c ; kR]; W_UK folded into the query and W_UV
                 applied to the latent output, both per GROUP (prepared once at load).
   torch_gqa     GQA path: per-group K (d_n) / V (d_v) cache, the shared RoPE key stored once.
-The kernel issue adds faster backends to ``REGISTRY``.
+Kernel backends (triton_backends.py): tilelang_absorb (Hopper), triton_absorb, triton_gqa.
 
 Shapes: B batch, T cache capacity, S new query tokens per step (1, or s_q >= 2 when verifying
 multi-token-prediction drafts), H heads, G groups, M = H/G.
@@ -82,13 +82,13 @@ class TorchGQA(DecodeBackend):
         return torch.einsum("bgmst,btgv->bsgmv", p, cache["v"]).reshape(B, S, H, -1)
 
 
-# Triton backends first; they import triton lazily (a missing triton is a rejection reason)
+# kernel backends first; they import triton / tilelang lazily (missing ones are rejection reasons)
 from gqla_megatron.inference.triton_backends import backend_classes  # noqa: E402
 
-TritonAbsorb, TritonGQA = backend_classes(DecodeBackend)
+TileLangAbsorb, TritonAbsorb, TritonGQA = backend_classes(DecodeBackend)
 
-REGISTRY: Dict[str, type] = {b.name: b for b in (TritonAbsorb, TritonGQA, TorchAbsorb, TorchGQA)}
-PRIORITY = {"absorb": ["triton_absorb", "torch_absorb"], "gqa": ["triton_gqa", "torch_gqa"]}
+REGISTRY: Dict[str, type] = {b.name: b for b in (TileLangAbsorb, TritonAbsorb, TritonGQA, TorchAbsorb, TorchGQA)}
+PRIORITY = {"absorb": ["tilelang_absorb", "triton_absorb", "torch_absorb"], "gqa": ["triton_gqa", "torch_gqa"]}
 
 
 @dataclass

@@ -1,15 +1,21 @@
-"""Triton decode backends (kernels in gqla_megatron.kernels.triton_decode).
+"""Triton and TileLang decode backends (kernels in gqla_megatron.kernels).
 
-  triton_absorb  MQA-absorb path: W_UK folded into the query per group (a small torch GEMM),
-                 the split-KV latent kernel, W_UV applied to the latent output (torch GEMM).
-  triton_gqa     GQA path: the split-KV per-group kernel (shared RoPE key read by each group).
+  tilelang_absorb  MQA-absorb path on Hopper: the warp-specialised TileLang latent kernel
+                   (kernels/tilelang_decode.py) where it measured faster -- at least
+                   ``MIN_ROWS`` query rows (heads x s_q) and ``MIN_TOKENS`` cached tokens
+                   (B x max_len), contiguous or 64-token-aligned pages -- else the Triton
+                   latent kernel; the choice is a fixed function of the shapes
+                   (``tilelang_decode.prefers``), so a captured CUDA graph replays one kernel.
+  triton_absorb    MQA-absorb path: W_UK folded into the query per group (a small torch GEMM),
+                   the split-KV latent kernel, W_UV applied to the latent output (torch GEMM).
+  triton_gqa       GQA path: the split-KV per-group kernel (shared RoPE key read by each group).
 
-This module imports triton only inside ``supported`` / ``attend``, so a machine without triton
-still imports the registry; the backends then report why they cannot run and ``select_backend``
-falls back to the stock torch backends. It does not import backends.py either: backends.py
-builds the two ``DecodeBackend`` subclasses with ``backend_classes(DecodeBackend)`` when it
-builds its registry (so either module may be imported first); ``TritonAbsorb`` / ``TritonGQA``
-here resolve to those registered classes.
+This module imports triton and tilelang only inside ``supported`` / ``attend``, so a machine
+without them still imports the registry; the backends then report why they cannot run and
+``select_backend`` falls back (tilelang -> triton -> stock torch). It does not import backends.py
+either: backends.py builds the ``DecodeBackend`` subclasses with ``backend_classes(DecodeBackend)``
+when it builds its registry (so either module may be imported first); ``TileLangAbsorb`` /
+``TritonAbsorb`` / ``TritonGQA`` here resolve to those registered classes.
 
 Cache dicts: the stock contiguous layouts (see backends.py), or paged -- the same keys holding
 page pools (num_blocks, block_size, ...) plus ``"block_table"`` (B, max_blocks) int32. An
@@ -70,6 +76,37 @@ class _TritonAbsorb(_TritonBackend):
         return ref.absorb_output(o_lat.view(B, S, G, M, -1), prep["W_UV"])
 
 
+class _TileLangAbsorb(_TritonAbsorb):
+    """MQA-absorb path on the warp-specialised TileLang kernel (sm_90), Triton below its size."""
+
+    name, path = "tilelang_absorb", "absorb"
+
+    @classmethod
+    def supported(cls, cfg: GQLAConfig, device: torch.device, dtype: torch.dtype) -> List[str]:
+        from gqla_megatron.kernels import tilelang_decode as tld
+
+        problems = tld.absorb_problems(device, dtype, kv_lora_rank=cfg.kv_lora_rank,
+                                       rope_dim=cfg.qk_pos_emb_head_dim)
+        # the Triton kernel serves the small grids: it must run too
+        return problems + [f"triton fallback: {p}" for p in super().supported(cfg, device, dtype)]
+
+    def attend(self, prep, q_nope, q_rope, cache, lengths, cfg):
+        from gqla_megatron.kernels import tilelang_decode as tld
+
+        B, S, H, _ = q_nope.shape
+        G, M = cfg.num_query_groups, cfg.heads_per_group
+        c, table = cache["c"], cache.get("block_table")
+        page = c.shape[1] if table is not None else 0
+        cap = table.shape[1] * page if table is not None else c.shape[1]
+        kernel = (tld if tld.prefers(B, S * H, cache.get("max_len") or cap, page, lengths.dtype, table)
+                  else _kernels())
+        q_abs = ref.absorb_query(q_nope, prep["W_UK"])
+        o_lat = kernel.absorb_decode(
+            q_abs.reshape(B, S, H, -1), q_rope, c, cache["k_rope"], lengths, cfg.softmax_scale,
+            block_table=table, max_len=cache.get("max_len"), validate=False)
+        return ref.absorb_output(o_lat.view(B, S, G, M, -1), prep["W_UV"])
+
+
 class _TritonGQA(_TritonBackend):
     """GQA path on the Triton per-group kernel."""
 
@@ -85,17 +122,18 @@ class _TritonGQA(_TritonBackend):
             validate=False)
 
 
-def backend_classes(base: type) -> Tuple[type, type]:
-    """(TritonAbsorb, TritonGQA) as subclasses of ``base`` (backends.DecodeBackend)."""
+def backend_classes(base: type) -> Tuple[type, type, type]:
+    """(TileLangAbsorb, TritonAbsorb, TritonGQA) as subclasses of ``base`` (backends.DecodeBackend)."""
     made = []
-    for impl, cls_name in ((_TritonAbsorb, "TritonAbsorb"), (_TritonGQA, "TritonGQA")):
+    for impl, cls_name in ((_TileLangAbsorb, "TileLangAbsorb"), (_TritonAbsorb, "TritonAbsorb"),
+                           (_TritonGQA, "TritonGQA")):
         made.append(type(cls_name, (impl, base), {"__module__": __name__, "__qualname__": cls_name,
                                                   "__doc__": impl.__doc__}))
-    return made[0], made[1]
+    return made[0], made[1], made[2]
 
 
 def __getattr__(name):
-    if name in ("TritonAbsorb", "TritonGQA"):
+    if name in ("TileLangAbsorb", "TritonAbsorb", "TritonGQA"):
         from gqla_megatron.inference import backends
 
         return getattr(backends, name)

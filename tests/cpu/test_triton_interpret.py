@@ -142,10 +142,14 @@ def test_bad_inputs_rejected_before_launch():
 # ---- backends: selection and fallback, reasons listed ------------------------------------
 def test_plain_cpu_falls_back_to_torch_with_reasons(no_interpret):
     for path in ("absorb", "gqa"):
-        assert bk.PRIORITY[path][0] == f"triton_{path}" and bk.PRIORITY[path][-1] == f"torch_{path}"
+        first = "tilelang_absorb" if path == "absorb" else "triton_gqa"
+        assert bk.PRIORITY[path][0] == first and bk.PRIORITY[path][-1] == f"torch_{path}"
         choice = bk.select_backend(path, CFG, CPU, torch.float32)
         assert choice.backend.name == f"torch_{path}"
         assert "TRITON_INTERPRET is not set" in " ".join(choice.rejected[f"triton_{path}"])
+    # the TileLang kernel: Hopper only, bf16/fp16, and its Triton fallback must run too
+    why = " ".join(bk.select_backend("absorb", CFG, CPU, torch.float32).rejected["tilelang_absorb"])
+    assert "not CUDA" in why and "float32 unsupported" in why and "triton fallback" in why
     with pytest.raises(ValueError, match="triton_gqa.*cannot run.*not CUDA"):
         bk.select_backend("gqa", CFG, CPU, torch.float32, requested="triton_gqa")
 

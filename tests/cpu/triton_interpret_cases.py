@@ -190,7 +190,8 @@ def _attend_inputs(S, seed):
 @pytest.mark.parametrize("path", ["absorb", "gqa"])
 def test_triton_backend_attend_matches_reference(path, S):
     choice = bk.select_backend(path, CFG, CPU, torch.float32)
-    assert choice.backend.name == f"triton_{path}" and choice.rejected == {}
+    assert choice.backend.name == f"triton_{path}"
+    assert set(choice.rejected) <= {"tilelang_absorb"}   # Hopper only: rejected on CPU
     w, q_nope, q_rope, caches, lengths, want = _attend_inputs(S, seed=S)
     be = choice.backend
     got = be.attend(be.prepare(w, CFG), q_nope, q_rope, caches[path], lengths, CFG)

@@ -1,0 +1,324 @@
+"""TileLang absorb-path decode kernel for Hopper (sm_90): warp-specialised, TMA + wgmma.
+
+Same contract as ``triton_decode.absorb_decode`` (see that module for the maths, the cache
+layouts and the split-KV scheme); this kernel differs in how one program runs on the GPU:
+
+* one program = 64 query rows (heads x s_q of one sequence; fewer rows are padded to 64, the
+  smallest Hopper ``wgmma`` tile) x one KV split; 64-token latent tiles;
+* TileLang makes the loop warp-specialised: one producer warpgroup issues the TMA loads of the
+  latent tile c (64 x r) and the RoPE key tile (64 x d_r) into a 2-stage ring of shared-memory
+  buffers (mbarrier handshakes), two consumer warpgroups run the ``wgmma`` products. Each consumer
+  computes half of the score tile (64 x 32) for Q.[c; k_rope]^T, the softmax row statistics, and
+  half of the output columns (64 x r/2) of P.c, so the 64 x 512 fp32 accumulator is split over
+  256 threads (128 registers each) instead of spilling;
+* the latent tile is loaded once and read twice (as K^T for the scores and as V for the output).
+
+Split partial outputs use the Triton module's layout and its combine kernel (``_run_combine``),
+and the split count comes from its ``choose_num_splits`` with ``waves = 1`` (one 384-thread,
+~216 KB program per SM).
+
+Limits (checked by ``absorb_problems``): sm_90 (``wgmma``/TMA), bf16 or fp16, r and d_r
+multiples of 64 with r <= 512, contiguous caches with a contiguous last dim and a 16-byte aligned
+row pitch (TMA), or paged caches whose page size is a multiple of 64 (one tile = part of one
+page). Cache slots past a sequence's length inside its last 64-token tile are loaded (TMA
+moves whole tiles) but masked: their scores are -inf and their latent rows are zeroed in shared
+memory before the P.V product, so stale or NaN slots never reach the output.
+
+TileLang compiles a kernel per (r, d_r, dtype, lengths dtype, page size, direct); batch, rows
+(heads x s_q), capacity, page count and split count are runtime values, so a serving process
+compiles two kernels (split + direct) once (seconds each, cached on disk by TileLang).
+"""
+
+
+# no "from __future__ import annotations": TileLang evaluates the prim_func annotations
+# (tensor shapes built from closure variables) at definition time
+import functools
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+BLOCK_M = 64
+BLOCK_N = 64
+NUM_STAGES = 2
+THREADS = 256       # consumer threads; TileLang adds a 128-thread producer warpgroup
+WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
+MIN_CHUNK = 128
+# where the Triton kernel is as fast or faster (H200, benchmarks/decode_kernels_h200/run10_tilelang_tma_q
+# and engine_decode_h200/run4): below 32k cached tokens (B x max_len) -- at 8k and below TileLang
+# measured 0.71-0.95x Triton (B=1 L=1k-8k, B=8 L=1k), at 32k 0.97-1.20x -- and below 32 query rows
+# per sequence (heads x s_q): every program computes 64 rows, so 16 rows (the 1B engine model's
+# 16 heads at s_q=1) run 4x the tensor-core work and measured 0.90-0.99x Triton end to end
+MIN_ROWS = 32
+MIN_TOKENS = 32768
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=1)
+def import_problem() -> Optional[str]:
+    """Why tilelang cannot be imported here (None when it can)."""
+    try:
+        import tilelang  # noqa: F401
+        import tilelang.language  # noqa: F401
+    except Exception as e:  # ImportError, or a missing shared library (libz3, libcuda)
+        return f"tilelang not importable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def absorb_problems(device, dtype: torch.dtype, *, kv_lora_rank: int, rope_dim: int) -> List[str]:
+    """Why this kernel cannot run for (device, dtype, shapes); empty = it can."""
+    out = []
+    p = import_problem()
+    if p:
+        out.append(p)
+    if dtype not in SUPPORTED_DTYPES:
+        out.append(f"dtype {dtype} unsupported (bfloat16 or float16)")
+    device = torch.device(device)
+    if device.type != "cuda":
+        out.append(f"device {device.type} is not CUDA (warp-specialised wgmma kernel)")
+    elif not torch.cuda.is_available():
+        out.append("CUDA device requested but torch.cuda is not available")
+    else:
+        cc = torch.cuda.get_device_capability(device)
+        if cc != (9, 0):
+            out.append(f"GPU compute capability {cc[0]}.{cc[1]} is not 9.0 (Hopper wgmma + TMA)")
+    if kv_lora_rank % 64 or not 64 <= kv_lora_rank <= 512:
+        out.append(f"kv_lora_rank {kv_lora_rank} must be a multiple of 64 in [64, 512]")
+    if rope_dim % 64 or not 64 <= rope_dim <= 128:
+        out.append(f"rope dim {rope_dim} must be 64 or 128")
+    return out
+
+
+def prefers(batch: int, rows: int, max_len: int, page: int, len_dtype: torch.dtype = torch.int32,
+            block_table: Optional[Tensor] = None) -> bool:
+    """Whether to run this kernel rather than the Triton one for a call of these sizes (rows =
+    heads x s_q per sequence). A fixed answer per shape keeps CUDA-graph capture valid."""
+    if rows < MIN_ROWS or (page and page % BLOCK_N):
+        return False
+    if block_table is not None and block_table.dtype != torch.int32:
+        return False
+    return len_dtype in (torch.int32, torch.int64) and batch * max_len >= MIN_TOKENS
+
+
+def _tl_dtype(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int32: "int32",
+            torch.int64: "int64"}[dtype]
+
+
+def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
+                         block_n: int = BLOCK_N, num_stages: int = NUM_STAGES):
+    """The TileLang prim_func of the partial (or, ``direct``, the final) absorb kernel.
+
+    Runtime sizes: batch B, ROWS = heads x s_q query rows per sequence (row m = s * heads + h;
+    ``heads`` is a scalar argument), cache capacity / page count, block-table width, splits.
+    ``page`` 0 = contiguous caches (B, T, .), else a page pool (num_pages, page, .) with a block
+    table (B, max_pages)."""
+    import tilelang.language as T
+
+    BM, BN = BLOCK_M, block_n
+    acc = "float32"
+    paged = page > 0
+    if paged and page % BN:
+        raise ValueError(f"page size {page} must be a multiple of the {BN}-token tile")
+    B = T.dynamic("B")
+    rows = T.dynamic("ROWS")
+    NSPLIT = T.dynamic("NSPLIT")
+    TC = T.dynamic("TC")          # contiguous: capacity; paged: pages in the pool
+    MAXP = T.dynamic("MAXP")      # paged: block-table width
+    cache_rows = page if paged else TC
+    cache_lead = TC if paged else B
+
+    @T.macro
+    def attend(Q, QR, C, KR, LENS, BT, qk_scale, heads, pid_p, pid_m, b, nsplit, cap,
+               acc_o, m_i, l_i):
+        Q_s = T.alloc_shared([BM, r], dtype)
+        QR_s = T.alloc_shared([BM, dr], dtype)
+        K_s = T.alloc_shared([BN, r], dtype)
+        KR_s = T.alloc_shared([BN, dr], dtype)
+        P_s = T.alloc_shared([BM, BN], dtype)
+        acc_s = T.alloc_fragment([BM, BN], acc)
+        m_prev = T.alloc_fragment([BM], acc)
+        alpha = T.alloc_fragment([BM], acc)
+        rsum = T.alloc_fragment([BM], acc)
+
+        L = T.cast(LENS[b], "int32")
+        n_keys = T.min(L + rows // heads, cap)
+        chunk = T.ceildiv(T.ceildiv(n_keys, nsplit), BN) * BN
+        start = pid_p * chunk
+        end = T.min(start + chunk, n_keys)
+        n_iter = T.ceildiv(T.max(end - start, 0), BN)
+
+        # one TMA box each; rows past ROWS lie outside the (B, ROWS, .) tensor and arrive as zeros
+        T.copy(Q[b, pid_m * BM:pid_m * BM + BM, :], Q_s)
+        T.copy(QR[b, pid_m * BM:pid_m * BM + BM, :], QR_s)
+        T.fill(acc_o, 0)
+        T.fill(l_i, 0)
+        T.fill(m_i, -T.infinity(acc))
+
+        for k in T.Pipelined(n_iter, num_stages=num_stages):
+            k0 = start + k * BN
+            if paged:
+                pg = BT[b, k0 // page]
+                T.copy(C[pg, k0 % page:k0 % page + BN, :], K_s)
+                T.copy(KR[pg, k0 % page:k0 % page + BN, :], KR_s)
+            else:
+                T.copy(C[b, k0:k0 + BN, :], K_s)
+                T.copy(KR[b, k0:k0 + BN, :], KR_s)
+            T.clear(acc_s)
+            T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+            T.gemm(QR_s, KR_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+            for i, j in T.Parallel(BM, BN):
+                # key k0 + j is visible to row i (token s = row // heads) iff it is before the
+                # split's end and at or before the row's own position L + s
+                acc_s[i, j] = T.if_then_else(
+                    (k0 + j < end) & (k0 + j <= L + (pid_m * BM + i) // heads) & (pid_m * BM + i < rows),
+                    acc_s[i, j] * qk_scale, -T.infinity(acc))
+            T.copy(m_i, m_prev)
+            T.reduce_max(acc_s, m_i, dim=1, clear=False)
+            for i in T.Parallel(BM):
+                alpha[i] = T.if_then_else(m_i[i] == -T.infinity(acc), 1.0, T.exp2(m_prev[i] - m_i[i]))
+            for i, j in T.Parallel(BM, BN):
+                acc_s[i, j] = T.if_then_else(m_i[i] == -T.infinity(acc), 0.0, T.exp2(acc_s[i, j] - m_i[i]))
+            T.reduce_sum(acc_s, rsum, dim=1)
+            if k0 + BN > end:
+                # the tile runs past the sequence (or split) end: zero those latent rows before
+                # they serve as V, so stale or NaN slots cannot reach the output via 0 * NaN
+                for i, j in T.Parallel(BN, r):
+                    if k0 + i >= end:
+                        K_s[i, j] = T.cast(0, dtype)
+            T.copy(acc_s, P_s)
+            for i in T.Parallel(BM):
+                l_i[i] = l_i[i] * alpha[i] + rsum[i]
+            for i, j in T.Parallel(BM, r):
+                acc_o[i, j] *= alpha[i]
+            T.gemm(P_s, K_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+
+    if direct:
+        @T.prim_func
+        def main(Q: T.Tensor((B, rows, r), dtype), QR: T.Tensor((B, rows, dr), dtype),
+                 C: T.Tensor((cache_lead, cache_rows, r), dtype),
+                 KR: T.Tensor((cache_lead, cache_rows, dr), dtype),
+                 LENS: T.Tensor((B,), len_dtype), BT: T.Tensor((B, MAXP), "int32"),
+                 OUT: T.Tensor((B, rows, r), dtype), qk_scale: T.float32, heads: T.int32, cap: T.int32):
+            with T.Kernel(1, T.ceildiv(rows, BM), B, threads=THREADS) as (pid_p, pid_m, b):
+                acc_o = T.alloc_fragment([BM, r], acc)
+                m_i = T.alloc_fragment([BM], acc)
+                l_i = T.alloc_fragment([BM], acc)
+                attend(Q, QR, C, KR, LENS, BT, qk_scale, heads, pid_p, pid_m, b, 1, cap, acc_o, m_i, l_i)
+                for i, j in T.Parallel(BM, r):
+                    if pid_m * BM + i < rows:
+                        OUT[b, pid_m * BM + i, j] = T.cast(
+                            acc_o[i, j] / T.if_then_else(l_i[i] > 0, l_i[i], 1.0), dtype)
+    else:
+        @T.prim_func
+        def main(Q: T.Tensor((B, rows, r), dtype), QR: T.Tensor((B, rows, dr), dtype),
+                 C: T.Tensor((cache_lead, cache_rows, r), dtype),
+                 KR: T.Tensor((cache_lead, cache_rows, dr), dtype),
+                 LENS: T.Tensor((B,), len_dtype), BT: T.Tensor((B, MAXP), "int32"),
+                 OPART: T.Tensor((B, rows, NSPLIT, r), acc), LSE: T.Tensor((B, rows, NSPLIT), acc),
+                 qk_scale: T.float32, heads: T.int32, cap: T.int32):
+            with T.Kernel(NSPLIT, T.ceildiv(rows, BM), B, threads=THREADS) as (pid_p, pid_m, b):
+                acc_o = T.alloc_fragment([BM, r], acc)
+                m_i = T.alloc_fragment([BM], acc)
+                l_i = T.alloc_fragment([BM], acc)
+                attend(Q, QR, C, KR, LENS, BT, qk_scale, heads, pid_p, pid_m, b, NSPLIT, cap, acc_o, m_i, l_i)
+                for i, j in T.Parallel(BM, r):
+                    if pid_m * BM + i < rows:
+                        OPART[b, pid_m * BM + i, pid_p, j] = acc_o[i, j] / T.if_then_else(l_i[i] > 0, l_i[i], 1.0)
+                for i in T.Parallel(BM):
+                    if pid_m * BM + i < rows:
+                        LSE[b, pid_m * BM + i, pid_p] = T.if_then_else(
+                            l_i[i] > 0, m_i[i] + T.log2(l_i[i]), -T.infinity(acc))
+    return main
+
+
+@functools.lru_cache(maxsize=64)
+def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
+                   target: Optional[str] = None, block_n: int = BLOCK_N, num_stages: int = NUM_STAGES):
+    """Compiled kernel (TileLang JIT; its disk cache makes repeats cheap). ``target`` None =
+    the current GPU; an arch such as "sm_90a" compiles offline (tests on machines without a GPU)."""
+    import tilelang
+
+    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct,
+                                block_n=block_n, num_stages=num_stages)
+    kw = {} if target is None else {"target": {"kind": "cuda", "arch": target}}
+    return tilelang.compile(prog, **kw)
+
+
+def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, lengths: Tensor,
+                  softmax_scale: float, *, block_table: Optional[Tensor] = None,
+                  out: Optional[Tensor] = None, num_splits: Optional[int] = None,
+                  max_len: Optional[int] = None, validate: bool = True,
+                  block_n: int = BLOCK_N, num_stages: int = NUM_STAGES) -> Tensor:
+    """Drop-in for ``triton_decode.absorb_decode`` (same arguments and result) on sm_90.
+    ``num_splits`` None = the split heuristic; ``block_n`` / ``num_stages``: KV tile and ring
+    depth (sweeps; the defaults fill the shared memory)."""
+    from . import triton_decode as td
+
+    B, S, H = td._common_checks(q_abs, q_rope, lengths, ("q_abs", "q_rope"))
+    R, DR = q_abs.shape[3], q_rope.shape[3]
+    problems = absorb_problems(q_abs.device, q_abs.dtype, kv_lora_rank=R, rope_dim=DR)
+    if problems:
+        raise ValueError("tilelang absorb kernel: " + "; ".join(problems))
+    td._check_tensor("c", c, 3)
+    td._check_tensor("k_rope", k_rope, 3)
+    if c.shape[2] != R or k_rope.shape[2] != DR:
+        raise ValueError(f"cache widths c {c.shape[2]}, k_rope {k_rope.shape[2]} must match the "
+                         f"query widths r={R}, d_r={DR}")
+    for n, t in (("c", c), ("k_rope", k_rope)):
+        if t.dtype != q_abs.dtype:
+            raise ValueError(f"{n} dtype {t.dtype} differs from q_abs dtype {q_abs.dtype}")
+        if t.device != q_abs.device:
+            raise ValueError(f"{n} is on {t.device}, q_abs on {q_abs.device}")
+        if t.stride(2) != 1 or (t.stride(1) * t.element_size()) % 16 or (t.stride(0) * t.element_size()) % 16:
+            raise ValueError(f"{n} needs a contiguous last dim and 16-byte aligned strides (TMA), "
+                             f"got strides {tuple(t.stride())}")
+    cap, page = td._cache_geometry(B, [("c", c), ("k_rope", k_rope)], block_table, lengths, q_abs.device)
+    if page and page % block_n:
+        raise ValueError(f"page size {page} must be a multiple of {block_n} for the tilelang kernel")
+    if block_table is not None and block_table.dtype != torch.int32:
+        raise ValueError("block_table must be int32 for the tilelang kernel")
+    if validate:
+        td._validate_lengths(lengths, S, cap, block_table, page, c.shape[0])
+    out = td._out_buffer(out, (B, S, H, R), q_abs.dtype, q_abs.device)
+    if B == 0 or cap == 0:
+        return out.zero_()
+    rows = S * H
+    q2 = q_abs.reshape(B, rows, R)
+    qr2 = q_rope.reshape(B, rows, DR)
+    if q2.stride(2) != 1:
+        q2 = q2.contiguous()
+    if qr2.stride(2) != 1:
+        qr2 = qr2.contiguous()
+    units = B * (-(-rows // BLOCK_M))
+    nsplit = num_splits or td.choose_num_splits(units, max_len or cap, td.num_sms(q_abs.device),
+                                                waves=WAVES, min_chunk=MIN_CHUNK, block_n=block_n)
+    bt = block_table if block_table is not None else _dummy_table(q_abs.device, B)
+    common = dict(r=R, dr=DR, dtype=_tl_dtype(q_abs.dtype), len_dtype=_tl_dtype(lengths.dtype), page=page,
+                  block_n=block_n, num_stages=num_stages)
+    qk_scale = float(softmax_scale) * math.log2(math.e)
+    if nsplit == 1:
+        o2 = out.view(B, rows, R) if out.is_contiguous() else torch.empty(B, rows, R, dtype=out.dtype,
+                                                                            device=out.device)
+        compile_absorb(direct=True, **common)(q2, qr2, c, k_rope, lengths, bt, o2, qk_scale, H, cap)
+        if o2.data_ptr() != out.data_ptr():
+            out.copy_(o2.view(B, S, H, R))
+        return out
+    opart = torch.empty(B, rows, nsplit, R, dtype=torch.float32, device=q_abs.device)
+    lse = torch.empty(B, rows, nsplit, dtype=torch.float32, device=q_abs.device)
+    compile_absorb(direct=False, **common)(q2, qr2, c, k_rope, lengths, bt, opart, lse, qk_scale, H, cap)
+    td._run_combine(opart, lse, out, H, R, nsplit, q_abs.device)
+    return out
+
+
+_DUMMY = {}
+
+
+def _dummy_table(device, B: int) -> Tensor:
+    """A (B, 1) int32 stand-in for the block table of contiguous caches (never read)."""
+    key = (str(device), B)
+    t = _DUMMY.get(key)
+    if t is None:
+        t = _DUMMY[key] = torch.zeros(B, 1, dtype=torch.int32, device=device)
+    return t

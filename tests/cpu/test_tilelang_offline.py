@@ -1,0 +1,108 @@
+"""CPU tier: the TileLang absorb kernel without a GPU.
+
+Always: the kernel-choice rule (``prefers``) and the capability reasons on a CPU machine.
+With tilelang and nvcc installed (``pip install -e .[tilelang]``; skipped with the reason
+otherwise): the kernels compile for sm_90a offline, and the generated CUDA is what the module
+docstring promises -- a warp-specialised program (a 128-thread producer warpgroup beside the
+256 consumer threads), TMA loads of the latent, RoPE-key and query tiles, ``wgmma`` products,
+and no register spills under ptxas.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from gqla_megatron.kernels import tilelang_decode as tld
+
+CPU = torch.device("cpu")
+
+
+def test_prefers_rule():
+    big = tld.MIN_TOKENS
+    assert tld.prefers(1, 64, big, 0)
+    assert tld.prefers(8, 32, big // 8, 0)
+    assert not tld.prefers(8, 32, big // 8 - 1, 0)            # too few cached tokens
+    assert not tld.prefers(128, 16, 8192, 0)                    # 16 rows: 4x padded work
+    assert tld.prefers(128, 64, 8192, 128)                      # 128-token pages: whole tiles
+    assert not tld.prefers(128, 64, 8192, 16)                   # 16-token pages: not TMA tiles
+    table64 = torch.zeros(2, 3, dtype=torch.int64)
+    assert not tld.prefers(128, 64, 8192, 64, block_table=table64)   # kernel takes int32 tables
+
+
+def test_problems_on_cpu_name_each_reason():
+    why = " ".join(tld.absorb_problems(CPU, torch.float32, kv_lora_rank=300, rope_dim=32))
+    for part in ("not CUDA", "float32 unsupported", "kv_lora_rank 300", "rope dim 32"):
+        assert part in why, (part, why)
+    assert not any("kv_lora_rank" in p or "rope" in p
+                   for p in tld.absorb_problems(CPU, torch.bfloat16, kv_lora_rank=512, rope_dim=64))
+
+
+def test_wrapper_rejects_before_launch():
+    q = torch.zeros(1, 1, 32, 512, dtype=torch.bfloat16)
+    qr = torch.zeros(1, 1, 32, 64, dtype=torch.bfloat16)
+    c = torch.zeros(1, 128, 512, dtype=torch.bfloat16)
+    kr = torch.zeros(1, 128, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="tilelang absorb kernel: .*not CUDA"):
+        tld.absorb_decode(q, qr, c, kr, torch.zeros(1, dtype=torch.int32), 0.1)
+
+
+def _nvcc():
+    for d in [os.environ.get("CUDA_HOME", "")] + os.environ.get("PATH", "").split(os.pathsep):
+        for cand in (os.path.join(d, "bin", "nvcc"), os.path.join(d, "nvcc")):
+            if d and os.path.isfile(cand):
+                return cand
+    try:   # the nvidia-cuda-nvcc wheel
+        import nvidia.cu13  # noqa: F401
+        cand = os.path.join(os.path.dirname(nvidia.cu13.__file__), "bin", "nvcc")
+        return cand if os.path.isfile(cand) else None
+    except Exception:
+        return None
+
+
+@pytest.fixture(scope="module")
+def offline():
+    problem = tld.import_problem()
+    if problem:
+        pytest.skip(f"{problem} (pip install -e .[tilelang])")
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc (CUDA_HOME, PATH or the nvidia-cuda-nvcc wheel)")
+    os.environ["PATH"] = os.path.dirname(nvcc) + os.pathsep + os.environ.get("PATH", "")
+    os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(nvcc)))
+    return nvcc
+
+
+@pytest.mark.parametrize("page,direct", [(0, False), (0, True), (64, False)],
+                         ids=["contiguous-split", "contiguous-direct", "paged64-split"])
+def test_compiles_for_sm90a_warp_specialised_without_spills(offline, page, direct):
+    import tilelang
+
+    kern = tld.compile_absorb(r=512, dr=64, dtype="bfloat16", len_dtype="int32", page=page,
+                              direct=direct, target="sm_90a")
+    src = kern.get_kernel_source()
+    assert "__launch_bounds__(384" in src, "expected 256 consumer + 128 producer threads"
+    for desc in ("C_desc", "KR_desc", "Q_desc", "QR_desc"):
+        assert re.search(rf"tma_load\({desc}\b", src), f"{desc} is not loaded by TMA"
+    assert "wgmma" in src
+    assert "warpgroup_reg_alloc" in src and "warpgroup_reg_dealloc" in src
+    # ptxas on the generated source: registers within the consumer cap, nothing spilled
+    inc = os.path.join(os.path.dirname(tilelang.__file__), "src")
+    cutlass = os.path.join(os.path.dirname(tilelang.__file__), "3rdparty", "cutlass", "include")
+    with tempfile.TemporaryDirectory() as d:
+        cu = os.path.join(d, "k.cu")
+        with open(cu, "w") as f:
+            f.write(src)
+        cmd = [offline, "--cubin", "-O3", "-arch=sm_90a", "-std=c++20", f"-I{inc}", f"-I{cutlass}",
+               "-Xptxas", "-v", "-o", os.path.join(d, "k.cubin"), cu]
+        if shutil.which("g++"):
+            cmd.insert(1, f"-ccbin={shutil.which('g++')}")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = r.stderr + r.stdout
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    assert spills and all(int(a) == 0 and int(b) == 0 for a, b in spills), info[-1500:]
