@@ -256,21 +256,11 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
     depth (sweeps; the defaults fill the shared memory)."""
     from . import triton_decode as td
 
-    B, S, H = td._common_checks(q_abs, q_rope, lengths, ("q_abs", "q_rope"))
-    R, DR = q_abs.shape[3], q_rope.shape[3]
+    B, S, H, R, DR = td.check_absorb_inputs(q_abs, q_rope, c, k_rope, lengths)
     problems = absorb_problems(q_abs.device, q_abs.dtype, kv_lora_rank=R, rope_dim=DR)
     if problems:
         raise ValueError("tilelang absorb kernel: " + "; ".join(problems))
-    td._check_tensor("c", c, 3)
-    td._check_tensor("k_rope", k_rope, 3)
-    if c.shape[2] != R or k_rope.shape[2] != DR:
-        raise ValueError(f"cache widths c {c.shape[2]}, k_rope {k_rope.shape[2]} must match the "
-                         f"query widths r={R}, d_r={DR}")
     for n, t in (("c", c), ("k_rope", k_rope)):
-        if t.dtype != q_abs.dtype:
-            raise ValueError(f"{n} dtype {t.dtype} differs from q_abs dtype {q_abs.dtype}")
-        if t.device != q_abs.device:
-            raise ValueError(f"{n} is on {t.device}, q_abs on {q_abs.device}")
         if t.stride(2) != 1 or (t.stride(1) * t.element_size()) % 16 or (t.stride(0) * t.element_size()) % 16:
             raise ValueError(f"{n} needs a contiguous last dim and 16-byte aligned strides (TMA), "
                              f"got strides {tuple(t.stride())}")

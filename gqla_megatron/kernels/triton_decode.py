@@ -754,18 +754,9 @@ def _out_buffer(out, shape, dtype, device):
     return out
 
 
-def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, lengths: Tensor,
-                  softmax_scale: float, *, block_table: Optional[Tensor] = None,
-                  out: Optional[Tensor] = None, config: Optional[DecodeKernelConfig] = None,
-                  max_len: Optional[int] = None, validate: bool = True) -> Tensor:
-    """MQA-absorb decode attention over the latent cache; returns the latent output o_lat
-    (B, S, H, r) in q_abs's dtype (apply W_UV per group afterwards).
-
-    q_abs (B, S, H, r): W_UK-folded queries; q_rope (B, S, H, d_r); c (B, T, r) and
-    k_rope (B, T, d_r), or pages (num_blocks, block_size, .) with ``block_table``;
-    lengths (B,) int: cached tokens before the S new ones (whose K/V are already stored).
-    ``max_len``: longest lengths[b] + S for the split heuristic (default: capacity).
-    ``validate``: check lengths / page ids against the cache on the host (one sync)."""
+def check_absorb_inputs(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, lengths: Tensor):
+    """Ranks, widths, dtypes and devices of an absorb call (shared with the TileLang kernel);
+    returns (B, S, H, r, d_r)."""
     B, S, H = _common_checks(q_abs, q_rope, lengths, ("q_abs", "q_rope"))
     R, DR = q_abs.shape[3], q_rope.shape[3]
     _check_tensor("c", c, 3)
@@ -778,6 +769,22 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
             raise ValueError(f"{n} dtype {t.dtype} differs from q_abs dtype {q_abs.dtype}")
         if t.device != q_abs.device:
             raise ValueError(f"{n} is on {t.device}, q_abs on {q_abs.device}")
+    return B, S, H, R, DR
+
+
+def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, lengths: Tensor,
+                  softmax_scale: float, *, block_table: Optional[Tensor] = None,
+                  out: Optional[Tensor] = None, config: Optional[DecodeKernelConfig] = None,
+                  max_len: Optional[int] = None, validate: bool = True) -> Tensor:
+    """MQA-absorb decode attention over the latent cache; returns the latent output o_lat
+    (B, S, H, r) in q_abs's dtype (apply W_UV per group afterwards).
+
+    q_abs (B, S, H, r): W_UK-folded queries; q_rope (B, S, H, d_r); c (B, T, r) and
+    k_rope (B, T, d_r), or pages (num_blocks, block_size, .) with ``block_table``;
+    lengths (B,) int: cached tokens before the S new ones (whose K/V are already stored).
+    ``max_len``: longest lengths[b] + S for the split heuristic (default: capacity).
+    ``validate``: check lengths / page ids against the cache on the host (one sync)."""
+    B, S, H, R, DR = check_absorb_inputs(q_abs, q_rope, c, k_rope, lengths)
     problems = shape_problems("absorb", heads=H, groups=1, kv_lora_rank=R, qk_head_dim=1,
                               rope_dim=DR, v_head_dim=R)
     if problems:

@@ -24,7 +24,7 @@ if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("the TileLang absorb kernel targets sm_90 (Hopper)", allow_module_level=True)
 pytest.importorskip("tilelang", reason="tilelang is not installed (pip install tilelang==0.1.15)")
 
-from test_triton_kernels import LLAMA, B, T, _allowed, _dev, _lengths, _poison_beyond, _to_paged  # noqa: E402
+from test_triton_kernels import LLAMA, B, T, _dev, _lengths, _to_paged, absorb_case  # noqa: E402
 
 TOL = dict(rel_l2=1e-2, cos=BF16_COSINE)
 
@@ -42,19 +42,8 @@ CASES = ([(H, S, layout, torch.bfloat16, torch.int32) for H in (32, 128) for S i
 def test_tilelang_absorb_real_shapes(H, S, layout, dtype, len_dtype):
     from gqla_megatron.kernels import tilelang_decode as tld
 
-    g = torch.Generator().manual_seed(5000 + 1000 * S + H + len(layout))
-    R, DR = 512, 64
-    mk = lambda *shape: torch.randn(*shape, generator=g).to(_dev(), dtype)  # noqa: E731
-    q, qr, c, kr = mk(B, S, H, R), mk(B, S, H, DR), mk(B, T, R), mk(B, T, DR)
-    lengths = _lengths(S, g).to(len_dtype)
-    scale = LLAMA.softmax_scale
-    want = ref._attend_groups(q.double(), qr.double(), c.double()[:, :, None], kr.double(),
-                              c.double()[:, :, None], _allowed(lengths, S), scale, H)
-    _poison_beyond(c, lengths, S)
-    _poison_beyond(kr, lengths, S)
-    table = None
-    if layout != "contiguous":
-        (c, kr), table = _to_paged([c, kr], lengths, S, int(layout[5:]), g)
+    q, qr, c, kr, lengths, scale, table, want = absorb_case(H, S, layout, dtype, 5000 + 1000 * S + H + len(layout),
+                                                            len_dtype)
     for splits in (None, 1, 7):
         out = torch.full(want.shape, float("nan"), dtype=dtype, device=_dev())
         got = tld.absorb_decode(q, qr, c, kr, lengths, scale, block_table=table, out=out, num_splits=splits)

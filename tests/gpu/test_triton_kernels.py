@@ -73,6 +73,25 @@ def _allowed(lengths, S):
     return ref._causal_mask(S, T, q_pos, torch.arange(T, device=_dev()))
 
 
+def absorb_case(H, S, layout, dtype, seed, len_dtype=torch.int64):
+    """Inputs of one absorb-kernel case (r=512, d_r=64; the module doc lists what they cover) and
+    the float64 answer: (q, q_rope, c, k_rope, lengths, scale, block_table or None, want)."""
+    g = torch.Generator().manual_seed(seed)
+    R, DR = 512, 64
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(_dev(), dtype)  # noqa: E731
+    q, qr, c, kr = mk(B, S, H, R), mk(B, S, H, DR), mk(B, T, R), mk(B, T, DR)
+    lengths = _lengths(S, g).to(len_dtype)
+    scale = LLAMA.softmax_scale
+    want = ref._attend_groups(q.double(), qr.double(), c.double()[:, :, None], kr.double(),
+                              c.double()[:, :, None], _allowed(lengths, S), scale, H)
+    _poison_beyond(c, lengths, S)
+    _poison_beyond(kr, lengths, S)
+    table = None
+    if layout != "contiguous":
+        (c, kr), table = _to_paged([c, kr], lengths, S, int(layout[5:]), g)
+    return q, qr, c, kr, lengths, scale, table, want
+
+
 CONFIGS = [None, dict(num_splits=1), dict(num_splits=7)]
 LAYOUTS = ["contiguous", "paged64", "paged16"]
 
@@ -96,19 +115,7 @@ def _run_all(fn, want, dtype, name):
 def test_absorb_kernel_real_shapes(H, S, layout, dtype):
     from gqla_megatron.kernels import triton_decode as td
 
-    g = torch.Generator().manual_seed(1000 * S + H + len(layout))
-    R, DR = 512, 64
-    mk = lambda *shape: torch.randn(*shape, generator=g).to(_dev(), dtype)  # noqa: E731
-    q, qr, c, kr = mk(B, S, H, R), mk(B, S, H, DR), mk(B, T, R), mk(B, T, DR)
-    lengths = _lengths(S, g)
-    scale = LLAMA.softmax_scale
-    want = ref._attend_groups(q.double(), qr.double(), c.double()[:, :, None], kr.double(),
-                              c.double()[:, :, None], _allowed(lengths, S), scale, H)
-    _poison_beyond(c, lengths, S)
-    _poison_beyond(kr, lengths, S)
-    table = None
-    if layout != "contiguous":
-        (c, kr), table = _to_paged([c, kr], lengths, S, int(layout[5:]), g)
+    q, qr, c, kr, lengths, scale, table, want = absorb_case(H, S, layout, dtype, 1000 * S + H + len(layout))
     _run_all(lambda out, cfg: td.absorb_decode(q, qr, c, kr, lengths, scale, block_table=table,
                                                out=out, config=cfg),
              want, dtype, f"absorb H={H} s_q={S} {layout} {dtype}")
