@@ -656,6 +656,9 @@ def plot(result: dict, path_png: str) -> Optional[str]:
                 ys = [s["triton"]["tbps"] for s in row if s["triton"] and s["triton"].get("status") == "ok"]
                 if xs:
                     ax.plot(xs, ys, "-o", color=col, ms=3, label=f"triton B={B}")
+                tl_pts = [(s["L"], s["tilelang"]["tbps"]) for s in row if s.get("tilelang")]
+                if tl_pts:
+                    ax.plot(*zip(*tl_pts), "-.s", color=col, ms=3, label=f"tilelang B={B}")
                 pr = [(s["L"], s) for s in row if s["best_peer"]]
                 if pr:
                     ys = []
