@@ -101,6 +101,14 @@ def prefers(batch: int, rows: int, max_len: int, page: int, len_dtype: torch.dty
     return len_dtype in (torch.int32, torch.int64) and batch * max_len >= MIN_TOKENS
 
 
+def _tma_ok(t: Tensor) -> bool:
+    """Whether a 3-D tensor can back a TMA descriptor: unit last stride, other strides and the
+    start address multiples of 16 bytes."""
+    e = t.element_size()
+    return (t.stride(2) == 1 and (t.stride(1) * e) % 16 == 0 and (t.stride(0) * e) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
 def _tl_dtype(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int32: "int32",
             torch.int64: "int64"}[dtype]
@@ -261,9 +269,10 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
     if problems:
         raise ValueError("tilelang absorb kernel: " + "; ".join(problems))
     for n, t in (("c", c), ("k_rope", k_rope)):
-        if t.stride(2) != 1 or (t.stride(1) * t.element_size()) % 16 or (t.stride(0) * t.element_size()) % 16:
-            raise ValueError(f"{n} needs a contiguous last dim and 16-byte aligned strides (TMA), "
-                             f"got strides {tuple(t.stride())}")
+        if not _tma_ok(t):
+            raise ValueError(f"{n} needs a contiguous last dim, 16-byte aligned strides and a "
+                             f"16-byte aligned start (TMA), got strides {tuple(t.stride())}, "
+                             f"address % 16 = {t.data_ptr() % 16}")
     cap, page = td._cache_geometry(B, [("c", c), ("k_rope", k_rope)], block_table, lengths, q_abs.device)
     if page and page % block_n:
         raise ValueError(f"page size {page} must be a multiple of {block_n} for the tilelang kernel")
@@ -277,9 +286,9 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
     rows = S * H
     q2 = q_abs.reshape(B, rows, R)
     qr2 = q_rope.reshape(B, rows, DR)
-    if q2.stride(2) != 1:
+    if not _tma_ok(q2):   # queries are small: copy rather than refuse
         q2 = q2.contiguous()
-    if qr2.stride(2) != 1:
+    if not _tma_ok(qr2):
         qr2 = qr2.contiguous()
     units = B * (-(-rows // BLOCK_M))
     nsplit = num_splits or td.choose_num_splits(units, max_len or cap, td.num_sms(q_abs.device),

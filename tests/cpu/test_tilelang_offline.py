@@ -106,3 +106,11 @@ def test_compiles_for_sm90a_warp_specialised_without_spills(offline, page, direc
     info = r.stderr + r.stdout
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     assert spills and all(int(a) == 0 and int(b) == 0 for a, b in spills), info[-1500:]
+
+
+def test_tma_layout_check():
+    t = torch.zeros(2, 8, 512, dtype=torch.bfloat16)
+    assert tld._tma_ok(t)
+    assert not tld._tma_ok(t[:, :, 1:])           # start 2 bytes in, row pitch still aligned
+    assert not tld._tma_ok(t[:, :, ::2])           # last dim strided
+    assert tld._tma_ok(t[:, 2:6])                  # a row slice keeps 1 KiB alignment
