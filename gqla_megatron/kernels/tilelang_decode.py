@@ -62,7 +62,8 @@ def import_problem() -> Optional[str]:
         import tilelang  # noqa: F401
         import tilelang.language  # noqa: F401
     except Exception as e:  # ImportError, or a missing shared library (libz3, libcuda)
-        return f"tilelang not importable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return (f"tilelang not importable ({type(e).__name__}: {str(e).splitlines()[0][:120]}; "
+                f"pip install -e .[tilelang])")
     return None
 
 
