@@ -49,7 +49,7 @@ MIN_CHUNK = 128
 # and engine_decode_h200/run4): below 32k cached tokens (B x max_len) -- at 8k and below TileLang
 # measured 0.71-0.95x Triton (B=1 L=1k-8k, B=8 L=1k), at 32k 0.97-1.20x -- and below 32 query rows
 # per sequence (heads x s_q): every program computes 64 rows, so 16 rows (the 1B engine model's
-# 16 heads at s_q=1) run 4x the tensor-core work and measured 0.90-0.99x Triton end to end
+# 16 heads at s_q=1) run 4x the tensor-core work and measured 0.90-0.98x Triton end to end
 MIN_ROWS = 32
 MIN_TOKENS = 32768
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
