@@ -17,10 +17,11 @@ Split partial outputs use the Triton module's layout and its combine kernel (``_
 and the split count comes from its ``choose_num_splits`` with ``waves = 1`` (one 384-thread,
 ~216 KB program per SM).
 
-Limits (checked by ``absorb_problems``): sm_90 (``wgmma``/TMA), bf16 or fp16, r and d_r
-multiples of 64 with r <= 512, contiguous caches with a contiguous last dim and a 16-byte aligned
-row pitch (TMA), or paged caches whose page size is a multiple of 64 (one tile = part of one
-page). Cache slots past a sequence's length inside its last 64-token tile are loaded (TMA
+Limits (checked by ``absorb_problems`` and the wrapper): sm_90 (``wgmma``/TMA), bf16 or fp16,
+r = 512 and d_r = 64 (the widths compiled, tested and measured; the shared memory is planned for
+them -- other widths use the Triton kernel), contiguous caches with a contiguous last dim and
+16-byte aligned strides and start (TMA), or paged caches whose page size is a multiple of 64 (one
+tile = part of one page). Cache slots past a sequence's length inside its last 64-token tile are loaded (TMA
 moves whole tiles) but masked: their scores are -inf and their latent rows are zeroed in shared
 memory before the P.V product, so stale or NaN slots never reach the output.
 
@@ -84,10 +85,12 @@ def absorb_problems(device, dtype: torch.dtype, *, kv_lora_rank: int, rope_dim: 
         cc = torch.cuda.get_device_capability(device)
         if cc != (9, 0):
             out.append(f"GPU compute capability {cc[0]}.{cc[1]} is not 9.0 (Hopper wgmma + TMA)")
-    if kv_lora_rank % 64 or not 64 <= kv_lora_rank <= 512:
-        out.append(f"kv_lora_rank {kv_lora_rank} must be a multiple of 64 in [64, 512]")
-    if rope_dim % 64 or not 64 <= rope_dim <= 128:
-        out.append(f"rope dim {rope_dim} must be 64 or 128")
+    if kv_lora_rank != 512:
+        out.append(f"kv_lora_rank {kv_lora_rank} != 512 (the one width this kernel is built, "
+                   f"tested and measured for)")
+    if rope_dim != 64:
+        out.append(f"rope dim {rope_dim} != 64 (the one width this kernel is built, tested and "
+                   f"measured for)")
     return out
 
 
