@@ -185,7 +185,6 @@ def _method_tilelang(path, shp, x):
     if path != "absorb":
         raise NotApplicable("the tilelang kernel covers the absorb path only")
     from gqla_megatron.kernels import tilelang_decode as tld
-    from gqla_megatron.kernels import triton_decode as td
 
     problems = tld.absorb_problems(x["q"].device, x["q"].dtype, kv_lora_rank=shp.kv_lora_rank,
                                    rope_dim=shp.rope_dim)
@@ -196,10 +195,7 @@ def _method_tilelang(path, shp, x):
     out = torch.empty_like(x["q"])
     fn = lambda: tld.absorb_decode(x["q"], x["q_rope"], c, kr, x["lengths"], x["scale"],  # noqa: E731
                                    block_table=x.get("block_table"), out=out, max_len=x["L"], validate=False)
-    rows = x["S"] * shp.heads
-    units = x["B"] * -(-rows // tld.BLOCK_M)
-    nsplit = td.choose_num_splits(units, x["L"], td.num_sms(x["q"].device), waves=tld.WAVES,
-                                  min_chunk=tld.MIN_CHUNK, block_n=tld.BLOCK_N)
+    nsplit = tld.plan_splits(x["B"], x["S"] * shp.heads, x["L"], x["q"].device)
     return fn, None, {"num_splits": nsplit, "paged": bool(paged)}
 
 
@@ -530,7 +526,7 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
         finally:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        if m in ("triton", "tilelang", "bmm"):   # same row order: (B, s_q * h_q, d_v)
+        if m in (*KERNELS, "bmm"):   # same row order: (B, s_q * h_q, d_v)
             outs[m] = fn().reshape(B, S * shp.heads, -1).float()
         nbytes = nbytes or ideal_bytes
         tbps, tflops = nbytes / t / 1e12, fl / t / 1e12

@@ -65,11 +65,15 @@ class _TritonAbsorb(_TritonBackend):
 
     name, path = "triton_absorb", "absorb"
 
+    def _kernel(self, cache, lengths, batch: int, rows: int):
+        """The kernel module whose ``absorb_decode`` serves a call of these sizes."""
+        return _kernels()
+
     def attend(self, prep, q_nope, q_rope, cache, lengths, cfg):
         B, S, H, _ = q_nope.shape
         G, M = cfg.num_query_groups, cfg.heads_per_group
         q_abs = ref.absorb_query(q_nope, prep["W_UK"])
-        o_lat = _kernels().absorb_decode(
+        o_lat = self._kernel(cache, lengths, B, S * H).absorb_decode(
             q_abs.reshape(B, S, H, -1), q_rope, cache["c"], cache["k_rope"], lengths,
             cfg.softmax_scale, block_table=cache.get("block_table"), max_len=cache.get("max_len"),
             validate=False)
@@ -90,21 +94,15 @@ class _TileLangAbsorb(_TritonAbsorb):
         # the Triton kernel serves the small grids: it must run too
         return problems + [f"triton fallback: {p}" for p in super().supported(cfg, device, dtype)]
 
-    def attend(self, prep, q_nope, q_rope, cache, lengths, cfg):
+    def _kernel(self, cache, lengths, batch: int, rows: int):
         from gqla_megatron.kernels import tilelang_decode as tld
 
-        B, S, H, _ = q_nope.shape
-        G, M = cfg.num_query_groups, cfg.heads_per_group
         c, table = cache["c"], cache.get("block_table")
         page = c.shape[1] if table is not None else 0
         cap = table.shape[1] * page if table is not None else c.shape[1]
-        kernel = (tld if tld.prefers(B, S * H, cache.get("max_len") or cap, page, lengths.dtype, table)
-                  else _kernels())
-        q_abs = ref.absorb_query(q_nope, prep["W_UK"])
-        o_lat = kernel.absorb_decode(
-            q_abs.reshape(B, S, H, -1), q_rope, c, cache["k_rope"], lengths, cfg.softmax_scale,
-            block_table=table, max_len=cache.get("max_len"), validate=False)
-        return ref.absorb_output(o_lat.view(B, S, G, M, -1), prep["W_UV"])
+        if tld.prefers(batch, rows, cache.get("max_len") or cap, page, lengths.dtype, table):
+            return tld
+        return _kernels()
 
 
 class _TritonGQA(_TritonBackend):

@@ -94,15 +94,32 @@ def absorb_problems(device, dtype: torch.dtype, *, kv_lora_rank: int, rope_dim: 
     return out
 
 
+def _paging_problem(page: int, block_table: Optional[Tensor], block_n: int = BLOCK_N) -> Optional[str]:
+    """Why this kernel cannot read a cache with these pages (None = it can): a tile must lie in
+    one page, and the kernel takes an int32 block table."""
+    if page and page % block_n:
+        return f"page size {page} must be a multiple of {block_n} for the tilelang kernel"
+    if block_table is not None and block_table.dtype != torch.int32:
+        return "block_table must be int32 for the tilelang kernel"
+    return None
+
+
 def prefers(batch: int, rows: int, max_len: int, page: int, len_dtype: torch.dtype = torch.int32,
             block_table: Optional[Tensor] = None) -> bool:
     """Whether to run this kernel rather than the Triton one for a call of these sizes (rows =
     heads x s_q per sequence). A fixed answer per shape keeps CUDA-graph capture valid."""
-    if rows < MIN_ROWS or (page and page % BLOCK_N):
-        return False
-    if block_table is not None and block_table.dtype != torch.int32:
+    if rows < MIN_ROWS or _paging_problem(page, block_table) is not None:
         return False
     return len_dtype in (torch.int32, torch.int64) and batch * max_len >= MIN_TOKENS
+
+
+def plan_splits(batch: int, rows: int, max_len: int, device, block_n: int = BLOCK_N) -> int:
+    """KV splits per sequence for a call (the Triton module's heuristic at one program per SM)."""
+    from . import triton_decode as td
+
+    units = batch * -(-rows // BLOCK_M)
+    return td.choose_num_splits(units, max_len, td.num_sms(torch.device(device)), waves=WAVES,
+                                min_chunk=MIN_CHUNK, block_n=block_n)
 
 
 def _tma_ok(t: Tensor) -> bool:
@@ -278,10 +295,9 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
                              f"16-byte aligned start (TMA), got strides {tuple(t.stride())}, "
                              f"address % 16 = {t.data_ptr() % 16}")
     cap, page = td._cache_geometry(B, [("c", c), ("k_rope", k_rope)], block_table, lengths, q_abs.device)
-    if page and page % block_n:
-        raise ValueError(f"page size {page} must be a multiple of {block_n} for the tilelang kernel")
-    if block_table is not None and block_table.dtype != torch.int32:
-        raise ValueError("block_table must be int32 for the tilelang kernel")
+    problem = _paging_problem(page, block_table, block_n)
+    if problem:
+        raise ValueError(problem)
     if validate:
         td._validate_lengths(lengths, S, cap, block_table, page, c.shape[0])
     out = td._out_buffer(out, (B, S, H, R), q_abs.dtype, q_abs.device)
@@ -294,9 +310,7 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
         q2 = q2.contiguous()
     if not _tma_ok(qr2):
         qr2 = qr2.contiguous()
-    units = B * (-(-rows // BLOCK_M))
-    nsplit = num_splits or td.choose_num_splits(units, max_len or cap, td.num_sms(q_abs.device),
-                                                waves=WAVES, min_chunk=MIN_CHUNK, block_n=block_n)
+    nsplit = num_splits or plan_splits(B, rows, max_len or cap, q_abs.device, block_n)
     bt = block_table if block_table is not None else _dummy_table(q_abs.device, B)
     common = dict(r=R, dr=DR, dtype=_tl_dtype(q_abs.dtype), len_dtype=_tl_dtype(lengths.dtype), page=page,
                   block_n=block_n, num_stages=num_stages)

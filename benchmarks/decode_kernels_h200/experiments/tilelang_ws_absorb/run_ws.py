@@ -66,8 +66,7 @@ for shapes, cells in (("llama3-8b", [(32, 8192, 1), (32, 32768, 1), (128, 8192, 
     for B, L, S in cells:
         x = bd.make_inputs("absorb", shp, B, L, S, torch.bfloat16, dev, 0)
         o = torch.empty_like(x["q"])
-        units = B * -(-(S * shp.heads) // 64)
-        ns = td.choose_num_splits(units, L, td.num_sms(dev), waves=1.0, min_chunk=128, block_n=64)
+        ns = tld.plan_splits(B, S * shp.heads, L, dev)
         args = (x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"], x["scale"])
         fns = {"ws": lambda: ws_decode(*args, max(ns, 2), o),
                "tilelang_same_splits": lambda: tld.absorb_decode(*args, out=o, num_splits=max(ns, 2), validate=False),
