@@ -1,4 +1,7 @@
-# Device command (one H200; carry [".tlkit"]) -- NOT RUN YET: correctness and timing of ws_kernel.py
+# Device command (one H200; carry [".tlkit"]): correctness of the experiment's kernels vs fp64, then
+# timing beside the package's TileLang kernel and Triton. WS_KERNELS picks among ws, ss, ss_ef.
+# run1_ws.log: session 5, ws only (the script then had only that kernel);
+# run2_ss.log: WS_KERNELS=ws,ss,ss_ef
 source scripts/tilelang_kit_setup.sh || exit 1
 W=$OUT/ws; mkdir -p $W
-timeout 420 python3 benchmarks/decode_kernels_h200/experiments/tilelang_ws_absorb/run_ws.py 2>&1 | grep -v "TileLang:" > $W/ws.log; tail -30 $W/ws.log
+timeout 480 python3 benchmarks/decode_kernels_h200/experiments/tilelang_ws_absorb/run_ws.py 2>&1 | grep -v "TileLang:" > $W/ws.log; tail -40 $W/ws.log
