@@ -42,8 +42,7 @@ from torch import Tensor
 
 BLOCK_M = 64
 BLOCK_N = 64
-NUM_STAGES = 2
-THREADS = 256       # consumer threads; TileLang adds a 128-thread producer warpgroup
+THREADS = 384       # producer warpgroup + "scores" warpgroup + "right" warpgroup
 WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
 MIN_CHUNK = 128
 # where the Triton kernel is as fast or faster (H200, benchmarks/decode_kernels_h200/run10_tilelang_tma_q
@@ -94,11 +93,11 @@ def absorb_problems(device, dtype: torch.dtype, *, kv_lora_rank: int, rope_dim: 
     return out
 
 
-def _paging_problem(page: int, block_table: Optional[Tensor], block_n: int = BLOCK_N) -> Optional[str]:
+def _paging_problem(page: int, block_table: Optional[Tensor]) -> Optional[str]:
     """Why this kernel cannot read a cache with these pages (None = it can): a tile must lie in
     one page, and the kernel takes an int32 block table."""
-    if page and page % block_n:
-        return f"page size {page} must be a multiple of {block_n} for the tilelang kernel"
+    if page and page % BLOCK_N:
+        return f"page size {page} must be a multiple of {BLOCK_N} for the tilelang kernel"
     if block_table is not None and block_table.dtype != torch.int32:
         return "block_table must be int32 for the tilelang kernel"
     return None
@@ -113,13 +112,13 @@ def prefers(batch: int, rows: int, max_len: int, page: int, len_dtype: torch.dty
     return len_dtype in (torch.int32, torch.int64) and batch * max_len >= MIN_TOKENS
 
 
-def plan_splits(batch: int, rows: int, max_len: int, device, block_n: int = BLOCK_N) -> int:
+def plan_splits(batch: int, rows: int, max_len: int, device) -> int:
     """KV splits per sequence for a call (the Triton module's heuristic at one program per SM)."""
     from . import triton_decode as td
 
     units = batch * -(-rows // BLOCK_M)
     return td.choose_num_splits(units, max_len, td.num_sms(torch.device(device)), waves=WAVES,
-                                min_chunk=MIN_CHUNK, block_n=block_n)
+                                min_chunk=MIN_CHUNK, block_n=BLOCK_N)
 
 
 def _tma_ok(t: Tensor) -> bool:
@@ -135,18 +134,32 @@ def _tl_dtype(dtype: torch.dtype) -> str:
             torch.int64: "int64"}[dtype]
 
 
-def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                         block_n: int = BLOCK_N, num_stages: int = NUM_STAGES):
+def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool):
     """The TileLang prim_func of the partial (or, ``direct``, the final) absorb kernel.
 
     Runtime sizes: batch B, ROWS = heads x s_q query rows per sequence (row m = s * heads + h;
     ``heads`` is a scalar argument), cache capacity / page count, block-table width, splits.
     ``page`` 0 = contiguous caches (B, T, .), else a page pool (num_pages, page, .) with a block
-    table (B, max_pages)."""
+    table (B, max_pages).
+
+    Roles (384 threads; explicit mbarriers, one phase per tile or per pair of tiles):
+      producer (threads 256-383): TMA loads of the query tile once, then of each 64-token latent
+        tile as a left half (64 x r/2), a right half and the RoPE key tile into a 2-buffer ring
+        (tile t -> buffer t % 2), refilling a buffer once both consumers released it;
+      scores (threads 0-127): the whole 64 x 64 score tile (three wgmma issued back to back, one
+        wait), the mask, the online softmax, P and its rescale factor to shared memory, then its
+        half of the output, O[:, :r/2] += P . c[:, :r/2];
+      right (threads 128-255): waits for P, rescales and adds P . c[:, r/2:] to its half.
+    While "right" runs its P.V of tile t, "scores" runs the score products and softmax of tile
+    t + 1 (it waits for "right" to free P only before overwriting it).
+    Stale latent rows past the split end are zeroed by "scores" after its score products and
+    before it publishes P (so before either P.V product reads them; async-proxy fence)."""
     import tilelang.language as T
 
-    BM, BN = BLOCK_M, block_n
+    BM, BN = BLOCK_M, BLOCK_N
+    H2 = r // 2
     acc = "float32"
+    NEG = -T.infinity(acc)
     paged = page > 0
     if paged and page % BN:
         raise ValueError(f"page size {page} must be a multiple of the {BN}-token tile")
@@ -159,17 +172,88 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
     cache_lead = TC if paged else B
 
     @T.macro
-    def attend(Q, QR, C, KR, LENS, BT, qk_scale, heads, pid_p, pid_m, b, nsplit, cap,
-               acc_o, m_i, l_i):
-        Q_s = T.alloc_shared([BM, r], dtype)
-        QR_s = T.alloc_shared([BM, dr], dtype)
-        K_s = T.alloc_shared([BN, r], dtype)
-        KR_s = T.alloc_shared([BN, dr], dtype)
+    def load_tile(C, KR, BT, b, k0, K_l, K_r, K_pe, bars, s):
+        if paged:
+            pg = BT[b, k0 // page]
+            T.tma_copy(C[pg, k0 % page:k0 % page + BN, 0:H2], K_l, barrier=bars[s])
+            T.tma_copy(C[pg, k0 % page:k0 % page + BN, H2:r], K_r, barrier=bars[s])
+            T.tma_copy(KR[pg, k0 % page:k0 % page + BN, :], K_pe, barrier=bars[s])
+        else:
+            T.tma_copy(C[b, k0:k0 + BN, 0:H2], K_l, barrier=bars[s])
+            T.tma_copy(C[b, k0:k0 + BN, H2:r], K_r, barrier=bars[s])
+            T.tma_copy(KR[b, k0:k0 + BN, :], K_pe, barrier=bars[s])
+        T.barrier_arrive(bars[s])
+
+    @T.macro
+    def scores(Q_l, Q_r, Q_pe, K_l, K_r, K_pe, acc_s, k0, end, L, heads, pid_m, qk_scale):
+        T.clear(acc_s)
+        T.wgmma_gemm(Q_l, K_l, acc_s, transpose_B=True)
+        T.wgmma_gemm(Q_r, K_r, acc_s, transpose_B=True)
+        T.wgmma_gemm(Q_pe, K_pe, acc_s, transpose_B=True)
+        T.wait_wgmma(0)
+        for i, j in T.Parallel(BM, BN):
+            # key k0 + j is visible to row i (token s = row // heads) iff it is before the
+            # split's end and at or before the row's own position L + s
+            acc_s[i, j] = T.if_then_else(
+                (k0 + j < end) & (k0 + j <= L + (pid_m * BM + i) // heads) & (pid_m * BM + i < rows),
+                acc_s[i, j] * qk_scale, NEG)
+        if k0 + BN > end:
+            # the tile runs past the sequence (or split) end: zero those latent rows before they
+            # serve as V, so stale or NaN slots cannot reach the output via 0 * NaN
+            for i, j in T.Parallel(BN, H2):
+                if k0 + i >= end:
+                    K_l[i, j] = T.cast(0, dtype)
+                    K_r[i, j] = T.cast(0, dtype)
+            T.fence_proxy_async()
+
+    @T.macro
+    def store(OUT, LSE, o, l, m, b, pid_m, pid_p, col, with_lse):
+        # direct: OUT (B, ROWS, r) in the input dtype; split: OUT (B, ROWS, NSPLIT, r) fp32 + LSE
+        if direct:
+            for i, j in T.Parallel(BM, H2):
+                if pid_m * BM + i < rows:
+                    OUT[b, pid_m * BM + i, col + j] = T.cast(o[i, j] / T.if_then_else(l[i] > 0, l[i], 1.0), dtype)
+        else:
+            for i, j in T.Parallel(BM, H2):
+                if pid_m * BM + i < rows:
+                    OUT[b, pid_m * BM + i, pid_p, col + j] = o[i, j] / T.if_then_else(l[i] > 0, l[i], 1.0)
+            if with_lse:
+                for i in T.Parallel(BM):
+                    if pid_m * BM + i < rows:
+                        LSE[b, pid_m * BM + i, pid_p] = T.if_then_else(l[i] > 0, m[i] + T.log2(l[i]), NEG)
+
+    @T.macro
+    def kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, nsplit, pid_p, pid_m, b, OUT, LSE):
+        Q_l = T.alloc_shared([BM, H2], dtype)
+        Q_r = T.alloc_shared([BM, H2], dtype)
+        Q_pe = T.alloc_shared([BM, dr], dtype)
+        K0_l = T.alloc_shared([BN, H2], dtype)
+        K0_r = T.alloc_shared([BN, H2], dtype)
+        K0_pe = T.alloc_shared([BN, dr], dtype)
+        K1_l = T.alloc_shared([BN, H2], dtype)
+        K1_r = T.alloc_shared([BN, H2], dtype)
+        K1_pe = T.alloc_shared([BN, dr], dtype)
         P_s = T.alloc_shared([BM, BN], dtype)
+        alpha_s = T.alloc_shared([BM], acc)
+        l_s = T.alloc_shared([BM], acc)
+
         acc_s = T.alloc_fragment([BM, BN], acc)
+        acc_l = T.alloc_fragment([BM, H2], acc)
+        acc_r = T.alloc_fragment([BM, H2], acc)
+        m_i = T.alloc_fragment([BM], acc)
         m_prev = T.alloc_fragment([BM], acc)
         alpha = T.alloc_fragment([BM], acc)
+        l_i = T.alloc_fragment([BM], acc)
         rsum = T.alloc_fragment([BM], acc)
+
+        # tma_copy registers the expected bytes (one elected thread); a phase completes when the
+        # bytes have landed and all 128 producer threads have arrived
+        bar_q = T.alloc_barrier(128)
+        full = T.alloc_barrier([128, 128])
+        empty = T.alloc_barrier([256, 256])
+        p_ready = T.alloc_barrier(128)
+        p_free = T.alloc_barrier(128)
+        done = T.alloc_barrier(128)
 
         L = T.cast(LENS[b], "int32")
         n_keys = T.min(L + rows // heads, cap)
@@ -177,51 +261,78 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         start = pid_p * chunk
         end = T.min(start + chunk, n_keys)
         n_iter = T.ceildiv(T.max(end - start, 0), BN)
+        tx = T.get_thread_binding()
 
-        # one TMA box each; rows past ROWS lie outside the (B, ROWS, .) tensor and arrive as zeros
-        T.copy(Q[b, pid_m * BM:pid_m * BM + BM, :], Q_s)
-        T.copy(QR[b, pid_m * BM:pid_m * BM + BM, :], QR_s)
-        T.fill(acc_o, 0)
-        T.fill(l_i, 0)
-        T.fill(m_i, -T.infinity(acc))
-
-        for k in T.Pipelined(n_iter, num_stages=num_stages):
-            k0 = start + k * BN
-            if paged:
-                pg = BT[b, k0 // page]
-                T.copy(C[pg, k0 % page:k0 % page + BN, :], K_s)
-                T.copy(KR[pg, k0 % page:k0 % page + BN, :], KR_s)
-            else:
-                T.copy(C[b, k0:k0 + BN, :], K_s)
-                T.copy(KR[b, k0:k0 + BN, :], KR_s)
-            T.clear(acc_s)
-            T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-            T.gemm(QR_s, KR_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-            for i, j in T.Parallel(BM, BN):
-                # key k0 + j is visible to row i (token s = row // heads) iff it is before the
-                # split's end and at or before the row's own position L + s
-                acc_s[i, j] = T.if_then_else(
-                    (k0 + j < end) & (k0 + j <= L + (pid_m * BM + i) // heads) & (pid_m * BM + i < rows),
-                    acc_s[i, j] * qk_scale, -T.infinity(acc))
-            T.copy(m_i, m_prev)
-            T.reduce_max(acc_s, m_i, dim=1, clear=False)
-            for i in T.Parallel(BM):
-                alpha[i] = T.if_then_else(m_i[i] == -T.infinity(acc), 1.0, T.exp2(m_prev[i] - m_i[i]))
-            for i, j in T.Parallel(BM, BN):
-                acc_s[i, j] = T.if_then_else(m_i[i] == -T.infinity(acc), 0.0, T.exp2(acc_s[i, j] - m_i[i]))
-            T.reduce_sum(acc_s, rsum, dim=1)
-            if k0 + BN > end:
-                # the tile runs past the sequence (or split) end: zero those latent rows before
-                # they serve as V, so stale or NaN slots cannot reach the output via 0 * NaN
-                for i, j in T.Parallel(BN, r):
-                    if k0 + i >= end:
-                        K_s[i, j] = T.cast(0, dtype)
-            T.copy(acc_s, P_s)
-            for i in T.Parallel(BM):
-                l_i[i] = l_i[i] * alpha[i] + rsum[i]
-            for i, j in T.Parallel(BM, r):
-                acc_o[i, j] *= alpha[i]
-            T.gemm(P_s, K_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+        if tx >= 256:
+            T.set_max_nreg(80, 0)
+            # one TMA box each; rows past ROWS lie outside the (B, ROWS, .) tensor: zeros
+            T.tma_copy(Q[b, pid_m * BM:pid_m * BM + BM, 0:H2], Q_l, barrier=bar_q[0])
+            T.tma_copy(Q[b, pid_m * BM:pid_m * BM + BM, H2:r], Q_r, barrier=bar_q[0])
+            T.tma_copy(QR[b, pid_m * BM:pid_m * BM + BM, :], Q_pe, barrier=bar_q[0])
+            T.barrier_arrive(bar_q[0])
+            for i in T.serial(T.ceildiv(n_iter, 2)):
+                k0 = start + 2 * i * BN
+                T.barrier_wait(empty[0], (i & 1) ^ 1)
+                load_tile(C, KR, BT, b, k0, K0_l, K0_r, K0_pe, full, 0)
+                if 2 * i + 1 < n_iter:
+                    T.barrier_wait(empty[1], (i & 1) ^ 1)
+                    load_tile(C, KR, BT, b, k0 + BN, K1_l, K1_r, K1_pe, full, 1)
+        elif tx < 128:
+            T.set_max_nreg(240, 1)
+            T.fill(acc_l, 0)
+            T.fill(l_i, 0)
+            T.fill(m_i, NEG)
+            T.barrier_wait(bar_q[0], 0)
+            for t in T.serial(n_iter):
+                k0 = start + t * BN
+                T.barrier_wait(full[t % 2], (t // 2) & 1)
+                if t % 2 == 0:
+                    scores(Q_l, Q_r, Q_pe, K0_l, K0_r, K0_pe, acc_s, k0, end, L, heads, pid_m, qk_scale)
+                else:
+                    scores(Q_l, Q_r, Q_pe, K1_l, K1_r, K1_pe, acc_s, k0, end, L, heads, pid_m, qk_scale)
+                T.copy(m_i, m_prev)
+                T.reduce_max(acc_s, m_i, dim=1, clear=False)
+                for i in T.Parallel(BM):
+                    alpha[i] = T.if_then_else(m_i[i] == NEG, 1.0, T.exp2(m_prev[i] - m_i[i]))
+                for i, j in T.Parallel(BM, BN):
+                    acc_s[i, j] = T.if_then_else(m_i[i] == NEG, 0.0, T.exp2(acc_s[i, j] - m_i[i]))
+                T.reduce_sum(acc_s, rsum, dim=1)
+                for i in T.Parallel(BM):
+                    l_i[i] = l_i[i] * alpha[i] + rsum[i]
+                if t > 0:   # "right" has finished with the previous P
+                    T.barrier_wait(p_free[0], (t - 1) & 1)
+                T.copy(acc_s, P_s)
+                T.copy(alpha, alpha_s)
+                T.fence_proxy_async()
+                T.barrier_arrive(p_ready[0])
+                for i, j in T.Parallel(BM, H2):
+                    acc_l[i, j] *= alpha[i]
+                if t % 2 == 0:
+                    T.gemm(P_s, K0_l, acc_l)
+                    T.barrier_arrive(empty[0])
+                else:
+                    T.gemm(P_s, K1_l, acc_l)
+                    T.barrier_arrive(empty[1])
+            T.copy(l_i, l_s)
+            T.barrier_arrive(done[0])
+            store(OUT, LSE, acc_l, l_i, m_i, b, pid_m, pid_p, 0, True)
+        else:
+            T.set_max_nreg(168, 1)
+            T.fill(acc_r, 0)
+            for t in T.serial(n_iter):
+                T.barrier_wait(p_ready[0], t & 1)
+                for i, j in T.Parallel(BM, H2):
+                    acc_r[i, j] *= alpha_s[i]
+                if t % 2 == 0:
+                    T.gemm(P_s, K0_r, acc_r)
+                    T.barrier_arrive(p_free[0])
+                    T.barrier_arrive(empty[0])
+                else:
+                    T.gemm(P_s, K1_r, acc_r)
+                    T.barrier_arrive(p_free[0])
+                    T.barrier_arrive(empty[1])
+            T.barrier_wait(done[0], 0)
+            store(OUT, LSE, acc_r, l_s, m_i, b, pid_m, pid_p, H2, False)
 
     if direct:
         @T.prim_func
@@ -231,14 +342,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                  LENS: T.Tensor((B,), len_dtype), BT: T.Tensor((B, MAXP), "int32"),
                  OUT: T.Tensor((B, rows, r), dtype), qk_scale: T.float32, heads: T.int32, cap: T.int32):
             with T.Kernel(1, T.ceildiv(rows, BM), B, threads=THREADS) as (pid_p, pid_m, b):
-                acc_o = T.alloc_fragment([BM, r], acc)
-                m_i = T.alloc_fragment([BM], acc)
-                l_i = T.alloc_fragment([BM], acc)
-                attend(Q, QR, C, KR, LENS, BT, qk_scale, heads, pid_p, pid_m, b, 1, cap, acc_o, m_i, l_i)
-                for i, j in T.Parallel(BM, r):
-                    if pid_m * BM + i < rows:
-                        OUT[b, pid_m * BM + i, j] = T.cast(
-                            acc_o[i, j] / T.if_then_else(l_i[i] > 0, l_i[i], 1.0), dtype)
+                kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, 1, pid_p, pid_m, b, OUT, OUT)
     else:
         @T.prim_func
         def main(Q: T.Tensor((B, rows, r), dtype), QR: T.Tensor((B, rows, dr), dtype),
@@ -248,29 +352,18 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                  OPART: T.Tensor((B, rows, NSPLIT, r), acc), LSE: T.Tensor((B, rows, NSPLIT), acc),
                  qk_scale: T.float32, heads: T.int32, cap: T.int32):
             with T.Kernel(NSPLIT, T.ceildiv(rows, BM), B, threads=THREADS) as (pid_p, pid_m, b):
-                acc_o = T.alloc_fragment([BM, r], acc)
-                m_i = T.alloc_fragment([BM], acc)
-                l_i = T.alloc_fragment([BM], acc)
-                attend(Q, QR, C, KR, LENS, BT, qk_scale, heads, pid_p, pid_m, b, NSPLIT, cap, acc_o, m_i, l_i)
-                for i, j in T.Parallel(BM, r):
-                    if pid_m * BM + i < rows:
-                        OPART[b, pid_m * BM + i, pid_p, j] = acc_o[i, j] / T.if_then_else(l_i[i] > 0, l_i[i], 1.0)
-                for i in T.Parallel(BM):
-                    if pid_m * BM + i < rows:
-                        LSE[b, pid_m * BM + i, pid_p] = T.if_then_else(
-                            l_i[i] > 0, m_i[i] + T.log2(l_i[i]), -T.infinity(acc))
+                kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, NSPLIT, pid_p, pid_m, b, OPART, LSE)
     return main
 
 
 @functools.lru_cache(maxsize=64)
 def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                   target: Optional[str] = None, block_n: int = BLOCK_N, num_stages: int = NUM_STAGES):
+                   target: Optional[str] = None):
     """Compiled kernel (TileLang JIT; its disk cache makes repeats cheap). ``target`` None =
     the current GPU; an arch such as "sm_90a" compiles offline (tests on machines without a GPU)."""
     import tilelang
 
-    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct,
-                                block_n=block_n, num_stages=num_stages)
+    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
     kw = {} if target is None else {"target": {"kind": "cuda", "arch": target}}
     return tilelang.compile(prog, **kw)
 
@@ -278,11 +371,9 @@ def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, di
 def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, lengths: Tensor,
                   softmax_scale: float, *, block_table: Optional[Tensor] = None,
                   out: Optional[Tensor] = None, num_splits: Optional[int] = None,
-                  max_len: Optional[int] = None, validate: bool = True,
-                  block_n: int = BLOCK_N, num_stages: int = NUM_STAGES) -> Tensor:
+                  max_len: Optional[int] = None, validate: bool = True) -> Tensor:
     """Drop-in for ``triton_decode.absorb_decode`` (same arguments and result) on sm_90.
-    ``num_splits`` None = the split heuristic; ``block_n`` / ``num_stages``: KV tile and ring
-    depth (sweeps; the defaults fill the shared memory)."""
+    ``num_splits`` None = the split heuristic."""
     from . import triton_decode as td
 
     B, S, H, R, DR = td.check_absorb_inputs(q_abs, q_rope, c, k_rope, lengths)
@@ -295,7 +386,7 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
                              f"16-byte aligned start (TMA), got strides {tuple(t.stride())}, "
                              f"address % 16 = {t.data_ptr() % 16}")
     cap, page = td._cache_geometry(B, [("c", c), ("k_rope", k_rope)], block_table, lengths, q_abs.device)
-    problem = _paging_problem(page, block_table, block_n)
+    problem = _paging_problem(page, block_table)
     if problem:
         raise ValueError(problem)
     if validate:
@@ -310,10 +401,9 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
         q2 = q2.contiguous()
     if not _tma_ok(qr2):
         qr2 = qr2.contiguous()
-    nsplit = num_splits or plan_splits(B, rows, max_len or cap, q_abs.device, block_n)
+    nsplit = num_splits or plan_splits(B, rows, max_len or cap, q_abs.device)
     bt = block_table if block_table is not None else _dummy_table(q_abs.device, B)
-    common = dict(r=R, dr=DR, dtype=_tl_dtype(q_abs.dtype), len_dtype=_tl_dtype(lengths.dtype), page=page,
-                  block_n=block_n, num_stages=num_stages)
+    common = dict(r=R, dr=DR, dtype=_tl_dtype(q_abs.dtype), len_dtype=_tl_dtype(lengths.dtype), page=page)
     qk_scale = float(softmax_scale) * math.log2(math.e)
     if nsplit == 1:
         o2 = out.view(B, rows, R) if out.is_contiguous() else torch.empty(B, rows, R, dtype=out.dtype,

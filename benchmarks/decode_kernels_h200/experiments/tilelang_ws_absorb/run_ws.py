@@ -30,8 +30,14 @@ FAILED = []
 
 
 # the experiment's kernels: same launch contract (split outputs + the Triton combine)
+# a: score products issued back to back (one wait); d: the scores warpgroup's P.V not waited for
+# until the next tile's scores; ef: TMA evict_first hint on the latent tiles
 BUILDERS = {"ws": ws_kernel.build, "ss": ss_kernel.build,
-            "ss_ef": lambda **kw: ss_kernel.build(evict="evict_first", **kw)}
+            "ss_ef": lambda **kw: ss_kernel.build(evict="evict_first", **kw),
+            "ws_a": lambda **kw: ws_kernel.build(async_qk=True, **kw),
+            "ws_ad": lambda **kw: ws_kernel.build(async_qk=True, defer_pv=True, **kw),
+            "ws_ade": lambda **kw: ws_kernel.build(async_qk=True, defer_pv=True, evict="evict_first", **kw),
+            "ss_a": lambda **kw: ss_kernel.build(async_qk=True, **kw)}
 ONLY = [k for k in os.environ.get("WS_KERNELS", ",".join(BUILDERS)).split(",") if k]
 
 

@@ -37,9 +37,10 @@ import tilelang.language as T
 BM, BN = 64, 64
 
 
-def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32", evict=None):
+def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32", evict=None, async_qk=False):
     assert dr == BN, "the RoPE query buffer is reused as the second P tile: needs d_r == 64"
     H2 = r // 2
+    qk = T.wgmma_gemm if async_qk else T.gemm
     acc = "float32"
     B = T.dynamic("B")
     rows = T.dynamic("ROWS")
@@ -142,9 +143,11 @@ def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32", evict=None):
                     k0 = start + 2 * i * BN
                     T.barrier_wait(full[0], i & 1)
                     T.clear(s0)
-                    T.gemm(Q_l, K0_l, s0, transpose_B=True)
-                    T.gemm(Q_r, K0_r, s0, transpose_B=True)
-                    T.gemm(qpe0, K0_pe, s0, transpose_B=True)
+                    qk(Q_l, K0_l, s0, transpose_B=True)
+                    qk(Q_r, K0_r, s0, transpose_B=True)
+                    qk(qpe0, K0_pe, s0, transpose_B=True)
+                    if async_qk:
+                        T.wait_wgmma(0)
                     for a, j in T.Parallel(BM, BN):
                         s0[a, j] = T.if_then_else(
                             (k0 + j < end) & (k0 + j <= L + (pid_m * BM + a) // heads) & (pid_m * BM + a < rows),
@@ -213,9 +216,11 @@ def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32", evict=None):
                     if 2 * i + 1 < n_iter:
                         T.barrier_wait(full[1], i & 1)
                         T.clear(s1)
-                        T.gemm(Q_l, K1_l, s1, transpose_B=True)
-                        T.gemm(Q_r, K1_r, s1, transpose_B=True)
-                        T.gemm(qpe1, K1_pe, s1, transpose_B=True)
+                        qk(Q_l, K1_l, s1, transpose_B=True)
+                        qk(Q_r, K1_r, s1, transpose_B=True)
+                        qk(qpe1, K1_pe, s1, transpose_B=True)
+                        if async_qk:
+                            T.wait_wgmma(0)
                         for a, j in T.Parallel(BM, BN):
                             s1[a, j] = T.if_then_else(
                                 (k1 + j < end) & (k1 + j <= L + (pid_m * BM + a) // heads) & (pid_m * BM + a < rows),

@@ -28,8 +28,17 @@ import tilelang.language as T
 BM, BN = 64, 64
 
 
-def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32"):
+def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32", evict=None, async_qk=False,
+          defer_pv=False):
+    """evict: TMA cache hint for the latent tiles; async_qk: issue the three score products
+    back to back and wait once (T.gemm waits after each); defer_pv (needs async_qk): the
+    scores warpgroup does not wait for its P.V of tile t -- the wait for the scores of tile
+    t + 1 covers it, so the wgmma overlaps the wait for the next tile; its buffer is released
+    after that wait."""
+    assert async_qk or not defer_pv
     H2 = r // 2
+    qk = T.wgmma_gemm if async_qk else T.gemm
+    pv = T.wgmma_gemm if defer_pv else T.gemm
     acc = "float32"
     B = T.dynamic("B")
     rows = T.dynamic("ROWS")
@@ -92,15 +101,15 @@ def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32"):
                 for i in T.serial(n_pair):
                     k0 = start + 2 * i * BN
                     T.barrier_wait(empty[0], (i & 1) ^ 1)
-                    T.tma_copy(C[b, k0:k0 + BN, 0:H2], K0_l, barrier=full[0])
-                    T.tma_copy(C[b, k0:k0 + BN, H2:r], K0_r, barrier=full[0])
-                    T.tma_copy(KR[b, k0:k0 + BN, :], K0_pe, barrier=full[0])
+                    T.tma_copy(C[b, k0:k0 + BN, 0:H2], K0_l, barrier=full[0], eviction_policy=evict)
+                    T.tma_copy(C[b, k0:k0 + BN, H2:r], K0_r, barrier=full[0], eviction_policy=evict)
+                    T.tma_copy(KR[b, k0:k0 + BN, :], K0_pe, barrier=full[0], eviction_policy=evict)
                     T.barrier_arrive(full[0])
                     if 2 * i + 1 < n_iter:
                         T.barrier_wait(empty[1], (i & 1) ^ 1)
-                        T.tma_copy(C[b, k0 + BN:k0 + 2 * BN, 0:H2], K1_l, barrier=full[1])
-                        T.tma_copy(C[b, k0 + BN:k0 + 2 * BN, H2:r], K1_r, barrier=full[1])
-                        T.tma_copy(KR[b, k0 + BN:k0 + 2 * BN, :], K1_pe, barrier=full[1])
+                        T.tma_copy(C[b, k0 + BN:k0 + 2 * BN, 0:H2], K1_l, barrier=full[1], eviction_policy=evict)
+                        T.tma_copy(C[b, k0 + BN:k0 + 2 * BN, H2:r], K1_r, barrier=full[1], eviction_policy=evict)
+                        T.tma_copy(KR[b, k0 + BN:k0 + 2 * BN, :], K1_pe, barrier=full[1], eviction_policy=evict)
                         T.barrier_arrive(full[1])
             elif tx < 128:
                 T.set_max_nreg(240, 1)
@@ -113,13 +122,22 @@ def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32"):
                     T.barrier_wait(full[t % 2], (t // 2) & 1)
                     T.clear(acc_s)
                     if t % 2 == 0:
-                        T.gemm(Q_l, K0_l, acc_s, transpose_B=True)
-                        T.gemm(Q_r, K0_r, acc_s, transpose_B=True)
-                        T.gemm(Q_pe, K0_pe, acc_s, transpose_B=True)
+                        qk(Q_l, K0_l, acc_s, transpose_B=True)
+                        qk(Q_r, K0_r, acc_s, transpose_B=True)
+                        qk(Q_pe, K0_pe, acc_s, transpose_B=True)
+                        if async_qk:
+                            T.wait_wgmma(0)
+                        if defer_pv:   # the wait above also finished P.V of tile t - 1
+                            if t > 0:
+                                T.barrier_arrive(empty[1])
                     else:
-                        T.gemm(Q_l, K1_l, acc_s, transpose_B=True)
-                        T.gemm(Q_r, K1_r, acc_s, transpose_B=True)
-                        T.gemm(Q_pe, K1_pe, acc_s, transpose_B=True)
+                        qk(Q_l, K1_l, acc_s, transpose_B=True)
+                        qk(Q_r, K1_r, acc_s, transpose_B=True)
+                        qk(Q_pe, K1_pe, acc_s, transpose_B=True)
+                        if async_qk:
+                            T.wait_wgmma(0)
+                        if defer_pv:
+                            T.barrier_arrive(empty[0])
                     for i, j in T.Parallel(BM, BN):
                         acc_s[i, j] = T.if_then_else(
                             (k0 + j < end) & (k0 + j <= L + (pid_m * BM + i) // heads) & (pid_m * BM + i < rows),
@@ -154,11 +172,15 @@ def build(*, r=512, dr=64, dtype="bfloat16", len_dtype="int32"):
                     for i, j in T.Parallel(BM, H2):
                         acc_l[i, j] *= alpha[i]
                     if t % 2 == 0:
-                        T.gemm(P_s, K0_l, acc_l)
-                        T.barrier_arrive(empty[0])
+                        pv(P_s, K0_l, acc_l)
+                        if not defer_pv:
+                            T.barrier_arrive(empty[0])
                     else:
-                        T.gemm(P_s, K1_l, acc_l)
-                        T.barrier_arrive(empty[1])
+                        pv(P_s, K1_l, acc_l)
+                        if not defer_pv:
+                            T.barrier_arrive(empty[1])
+                if defer_pv:
+                    T.wait_wgmma(0)
                 T.copy(l_i, l_s)
                 T.barrier_arrive(done[0])
                 for i, j in T.Parallel(BM, H2):
