@@ -5,12 +5,15 @@ layouts and the split-KV scheme); this kernel differs in how one program runs on
 
 * one program = 64 query rows (heads x s_q of one sequence; fewer rows are padded to 64, the
   smallest Hopper ``wgmma`` tile) x one KV split; 64-token latent tiles;
-* TileLang makes the loop warp-specialised: one producer warpgroup issues the TMA loads of the
-  latent tile c (64 x r) and the RoPE key tile (64 x d_r) into a 2-stage ring of shared-memory
-  buffers (mbarrier handshakes), two consumer warpgroups run the ``wgmma`` products. Each consumer
-  computes half of the score tile (64 x 32) for Q.[c; k_rope]^T, the softmax row statistics, and
-  half of the output columns (64 x r/2) of P.c, so the 64 x 512 fp32 accumulator is split over
-  256 threads (128 registers each) instead of spilling;
+* three warpgroups with fixed roles and explicit mbarrier handshakes (``build_absorb_program``
+  has the details): a producer issues TMA loads of each latent tile (left and right halves of c,
+  64 x r/2 each, and the RoPE key tile, 64 x d_r) into a 2-buffer ring; a "scores" warpgroup runs
+  the whole 64 x 64 score tile (three ``wgmma`` issued back to back, one wait), the mask, the
+  online softmax and its half of P.c (64 x r/2 fp32 accumulator, 128 registers per thread); a
+  "right" warpgroup runs the other half of P.c. While "right" finishes tile t, "scores" is already
+  on tile t + 1 (the schedule FlashMLA uses). It replaced (session 5) a version whose roles
+  TileLang derived automatically: 1.03-1.08x that one from 128k cached tokens on, 1.01-1.12x at
+  128 heads, 0.94-0.96x at B = 1 x 32k (benchmarks/decode_kernels_h200/run11_tilelang_ws);
 * the latent tile is loaded once and read twice (as K^T for the scores and as V for the output).
 
 Split partial outputs use the Triton module's layout and its combine kernel (``_run_combine``),

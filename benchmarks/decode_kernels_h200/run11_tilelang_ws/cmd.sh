@@ -3,6 +3,9 @@
 set -o pipefail
 source scripts/tilelang_kit_setup.sh || exit 1
 W=$OUT/run11; mkdir -p $W
+# (tests.log here is from a second call: this 240 s limit cut the first one during TileLang compiles,
+#  ~40 s per kernel variant on a fresh machine; rerun with: timeout 540 python3 -m pytest -v -rs
+#  -p no:cacheprovider -m gpu tests/gpu/test_tilelang_kernels.py -x --durations=8)
 timeout 240 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu/test_tilelang_kernels.py -x > $W/tests.log 2>&1; tail -3 $W/tests.log
 B="python3 -m gqla_megatron.cli.bench decode --path absorb --kernels triton,tilelang"
 timeout 150 $B --peers bmm --out $W/grid > $W/grid.log 2>&1; grep "absorb B=" $W/grid.log | sed 's/TB\/s//g' | cut -c1-130
