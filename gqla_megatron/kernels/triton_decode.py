@@ -19,7 +19,10 @@ Split-KV ("flash-decoding"): each (sequence, row block[, group]) is cut into ``n
 chunks of the sequence's keys; one program per chunk writes an fp32 partial output normalised
 by its own softmax sum plus the chunk's log-sum-exp (base 2); a small combine kernel merges the
 chunks (weights 2^(lse_i - max lse)). With one split the partial kernel writes the final output
-directly and no combine runs. Inputs bf16 / fp16 / fp32 (fp32 dots use IEEE precision);
+directly and no combine runs. The gqa kernel merges in place by default (``fused_combine``): each
+program counts its partial as written on a per-unit atomic counter, and the last of a unit's
+programs reads the unit's partials back (from L2) and writes the output, so a decode step is one
+launch; the counter is reset by that program, so CUDA-graph replays need no memset. Inputs bf16 / fp16 / fp32 (fp32 dots use IEEE precision);
 accumulation is always fp32. Lengths may differ per sequence (ragged batch).
 
 Cache layouts (last dim contiguous; other strides free):
@@ -44,8 +47,8 @@ sync).
 
 Tuning knobs (for sweeps on the GPU; see ``DecodeKernelConfig``): an explicit ``config``
 argument wins, then environment variables GQLA_DECODE_<PATH>_<FIELD> (PATH = ABSORB or GQA,
-FIELD = BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, NUM_SPLITS, MIN_CHUNK, WAVES), then the
-defaults in ``default_config``. If a default configuration runs out of shared memory or
+FIELD = BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, NUM_SPLITS, MIN_CHUNK, WAVES, FUSED_COMBINE),
+then the defaults in ``default_config``. If a default configuration runs out of shared memory or
 registers at compile time, the wrapper retries with fewer stages / smaller tiles (warning once)
 and remembers the working one; an explicitly set configuration fails instead.
 
@@ -161,7 +164,44 @@ def _normalise(acc, m_i, l_i):
     return acc / l_div[:, None], tl.where(l_ok, m_i + tl.log2(l_div), float("-inf"))
 
 
-_HELPERS = (_split_range, _page_ids, _row_offsets, _row_mask, _load_rows, _attend_tile, _normalise)
+def _combine_rows(OPART, LSE, out_ptrs, m_rows, rows_ok, offs_v, omask, nsplit, sop_m, sop_p, slse_m,
+                  SPLIT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DV_PAD: tl.constexpr):
+    """Merge the ``nsplit`` partial outputs of rows ``m_rows`` (OPART / LSE already offset to
+    the sequence) and store them at ``out_ptrs``: the combine kernel's arithmetic, run by the
+    last program of a unit (fused combine). Loads bypass L1 (.cg): other SMs wrote them."""
+    offs_p = tl.arange(0, SPLIT_PAD)
+    lse = tl.load(LSE + m_rows[:, None] * slse_m + offs_p[None, :],
+                  mask=rows_ok[:, None] & (offs_p < nsplit)[None, :], other=float("-inf"),
+                  cache_modifier=".cg")
+    mx = tl.max(lse, 1)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    denom = tl.sum(tl.exp2(lse - mx[:, None]), 1)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    for p in range(0, nsplit):
+        w = tl.exp2(tl.load(LSE + m_rows * slse_m + p, mask=rows_ok, other=float("-inf"),
+                            cache_modifier=".cg") - mx)
+        part = tl.load(OPART + m_rows[:, None] * sop_m + p * sop_p + offs_v[None, :], mask=omask,
+                       other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * part
+    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=omask)
+
+
+def _last_of_unit(CNT, unit, nsplit):
+    """Count this program's partial as written; True in the last of the unit's ``nsplit``
+    programs, which then resets the counter for the next call (so a captured graph replays).
+    The barrier orders every thread's partial stores before the counting thread's release;
+    the acquire orders the last program's loads after the other programs' stores."""
+    tl.debug_barrier()
+    done = tl.atomic_add(CNT + unit, 1, sem="acq_rel", scope="gpu")
+    last = done == nsplit - 1
+    if last:
+        tl.atomic_xchg(CNT + unit, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+_HELPERS = (_split_range, _page_ids, _row_offsets, _row_mask, _load_rows, _attend_tile, _normalise,
+            _combine_rows, _last_of_unit)
 
 
 def _absorb_partial_kernel(
@@ -221,7 +261,7 @@ def _absorb_partial_kernel(
 
 
 def _gqa_partial_kernel(
-        QN, QR, KN, V, KR, BT, LENS, OPART, LSE, OUT,
+        QN, QR, KN, V, KR, BT, LENS, OPART, LSE, OUT, CNT,
         sqn_b, sqn_s, sqn_h, sqr_b, sqr_s, sqr_h,
         skn_0, skn_1, skn_g, sv_0, sv_1, sv_g, skr_0, skr_1, sbt_b,
         sop_b, sop_m, sop_p, slse_b, slse_m,
@@ -231,7 +271,7 @@ def _gqa_partial_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DN_PAD: tl.constexpr, DR_PAD: tl.constexpr, DV_PAD: tl.constexpr,
         PAGED: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
-        DOT_DTYPE: tl.constexpr):
+        DOT_DTYPE: tl.constexpr, FUSED: tl.constexpr = False, SPLIT_PAD: tl.constexpr = 1):
     pid_p = tl.program_id(0)
     pid_gm = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -282,6 +322,11 @@ def _gqa_partial_kernel(
     else:
         tl.store(OPART + b * sop_b + m_glob[:, None] * sop_m + pid_p * sop_p + offs_dv[None, :], o, mask=omask)
         tl.store(LSE + b * slse_b + m_glob * slse_m + pid_p, lse, mask=row_ok)
+        if FUSED:
+            if _last_of_unit(CNT, b * tl.num_programs(1) + pid_gm, nsplit):
+                _combine_rows(OPART + b * sop_b, LSE + b * slse_b,
+                              OUT + b * so_b + (s_idx * so_s + h_idx * so_h)[:, None] + offs_dv[None, :],
+                              m_glob, row_ok, offs_dv, omask, nsplit, sop_m, sop_p, slse_m, SPLIT_PAD, BLOCK_M, DV_PAD)
 
 
 def _combine_kernel(
@@ -410,6 +455,8 @@ class DecodeKernelConfig:
     """Heuristic: fewest keys of the longest sequence per split."""
     waves: Optional[float] = None
     """Heuristic: programs resident per SM at once (slots = waves x SMs; see choose_num_splits)."""
+    fused_combine: Optional[int] = None
+    """gqa, 1: the last program of each unit merges the splits (no combine launch); 0: separate kernel."""
 
 
 _FIELDS = [f.name for f in dataclasses.fields(DecodeKernelConfig)]
@@ -429,25 +476,27 @@ def default_config(path: str, rows: int, dtype: torch.dtype) -> DecodeKernelConf
         if wide:
             bm = min(bm, 32)
             return DecodeKernelConfig(block_m=bm, block_n=16, num_warps=4 if bm == 16 else 8,
-                                      num_stages=1, num_splits=None, min_chunk=128, waves=1.0)
+                                      num_stages=1, num_splits=None, min_chunk=128, waves=1.0,
+                                      fused_combine=0)
         if bm <= 32:
             # H200 sweep 3 (benchmarks/decode_kernels_h200/run4_occupancy): 32 x 32 tiles, 4
             # warps, 3 stages take 113 KB shared memory and 255 registers, so two programs share
             # an SM and one's loads overlap the other's softmax (B=128 L=8k s_q=1: 2.66 -> 2.95
             # TB/s over 32 x 64, 8 warps, one program per SM)
             return DecodeKernelConfig(block_m=bm, block_n=32, num_warps=4, num_stages=3,
-                                      num_splits=None, min_chunk=128, waves=2.0)
+                                      num_splits=None, min_chunk=128, waves=2.0, fused_combine=0)
         # 64 rows: 64 x 64 tiles, 8 warps, 2 stages (221 KB: one program per SM); no tile with
         # a 64 x 512 fp32 accumulator fits twice per SM
         return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=8, num_stages=2,
-                                  num_splits=None, min_chunk=128, waves=1.0)
+                                  num_splits=None, min_chunk=128, waves=1.0, fused_combine=0)
     # gqa: 16-row tiles x 64 keys, 4 warps, 3 stages: 90 KB, two programs per SM (waves 2 took
-    # B=8 L=32k from 88 to 95 % of the copy rate in sweep 3)
+    # B=8 L=32k from 88 to 95 % of the copy rate in sweep 3); the splits merged by the last
+    # program of each unit (one launch less: the B = 1 cells are launch-bound)
     if wide:
         return DecodeKernelConfig(block_m=bm, block_n=32, num_warps=8, num_stages=2,
-                                  num_splits=None, min_chunk=64, waves=3.0)
+                                  num_splits=None, min_chunk=64, waves=3.0, fused_combine=1)
     return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=4, num_stages=3,
-                              num_splits=None, min_chunk=64, waves=2.0)
+                              num_splits=None, min_chunk=64, waves=2.0, fused_combine=1)
 
 
 def _env_value(path: str, field: str):
@@ -490,6 +539,10 @@ def resolve_config(path: str, rows: int, dtype: torch.dtype,
         raise ValueError(f"min_chunk must be >= 1, got {cfg.min_chunk}")
     if not cfg.waves > 0:
         raise ValueError(f"waves must be > 0, got {cfg.waves}")
+    if cfg.fused_combine not in (0, 1):
+        raise ValueError(f"fused_combine must be 0 or 1, got {cfg.fused_combine}")
+    if cfg.fused_combine and path != "gqa":
+        raise ValueError("fused_combine is implemented for the gqa kernel only")
     return cfg, explicit
 
 
@@ -656,6 +709,24 @@ def _launch_with_fallback(key: tuple, cfg: DecodeKernelConfig, explicit: bool, l
                 warnings.warn(f"decode kernel {key[0]}: {cfg} ran out of resources ({e}); "
                               f"retrying with {smaller}")
             cfg = smaller
+
+
+_COUNTERS: Dict[str, Tensor] = {}
+
+
+def _split_counters(device, units: int) -> Optional[Tensor]:
+    """Zeroed int32 arrival counters, one per unit (sequence x group x row block), for the fused
+    combine; each unit's last program resets its counter, so one buffer per device serves every
+    call (decode calls on one device must not run concurrently on two streams). None while a
+    CUDA graph is being captured and the buffer would have to grow: that call uses the combine
+    kernel instead (allocating inside a capture would tie the buffer to the graph's pool)."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < units:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[key] = torch.zeros(max(units, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
@@ -885,10 +956,14 @@ def gqa_decode(q_nope: Tensor, q_rope: Tensor, k_nope: Tensor, v: Tensor, k_rope
     qk_scale = float(softmax_scale) * math.log2(math.e)
     prec = "ieee" if q_nope.dtype == torch.float32 else None
 
+    fused = []
+
     def launch(cfg: DecodeKernelConfig):
         mblocks = triton.cdiv(M * S, cfg.block_m)
+        cnt = _split_counters(q_nope.device, B * G * mblocks) if cfg.fused_combine and not direct else None
+        fused[:] = [cnt is not None]
         _gqa_partial[(nsplit, G * mblocks, B)](
-            q_nope, q_rope, k_nope, v, k_rope, bt, lengths, opart, lse, out,
+            q_nope, q_rope, k_nope, v, k_rope, bt, lengths, opart, lse, out, cnt if cnt is not None else lengths,
             q_nope.stride(0), q_nope.stride(1), q_nope.stride(2),
             q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),
             k_nope.stride(0), k_nope.stride(1), k_nope.stride(2),
@@ -901,10 +976,11 @@ def gqa_decode(q_nope: Tensor, q_rope: Tensor, k_nope: Tensor, v: Tensor, k_rope
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             DN_PAD=max(16, _pow2(DN)), DR_PAD=max(16, _pow2(DR)), DV_PAD=max(16, _pow2(DV)),
             PAGED=block_table is not None, DIRECT=direct, DOT_PREC=prec, DOT_DTYPE=_dot_dtype(q_nope.dtype),
+            FUSED=fused[0], SPLIT_PAD=_pow2(nsplit) if fused[0] else 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     key = ("gqa", q_nope.dtype, H, G, S, DN, DR, DV, block_table is not None, str(q_nope.device))
     _launch_with_fallback(key, plan.config, explicit, launch)
-    if not direct:
+    if not direct and not fused[0]:
         _run_combine(opart, lse, out, H, DV, nsplit, q_nope.device)
     return out
