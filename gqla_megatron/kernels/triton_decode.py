@@ -164,27 +164,26 @@ def _normalise(acc, m_i, l_i):
     return acc / l_div[:, None], tl.where(l_ok, m_i + tl.log2(l_div), float("-inf"))
 
 
-def _combine_rows(OPART, LSE, out_ptrs, m_rows, rows_ok, offs_v, omask, nsplit, sop_m, sop_p, slse_m,
-                  SPLIT_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DV_PAD: tl.constexpr):
-    """Merge the ``nsplit`` partial outputs of rows ``m_rows`` (OPART / LSE already offset to
-    the sequence) and store them at ``out_ptrs``: the combine kernel's arithmetic, run by the
-    last program of a unit (fused combine). Loads bypass L1 (.cg): other SMs wrote them."""
+def _merge_row(OPART_row, LSE_row, nsplit, sop_p, offs_v, v_ok, SPLIT_PAD: tl.constexpr,
+               SPLIT_BLOCK: tl.constexpr, CG: tl.constexpr):
+    """One output row (columns ``offs_v``) merged from its ``nsplit`` partial rows: weights
+    2^(lse_i - max lse), rows that saw no key give 0. ``CG``: loads bypass L1 (the fused
+    combine reads what other SMs just wrote)."""
+    mod: tl.constexpr = ".cg" if CG else ""
     offs_p = tl.arange(0, SPLIT_PAD)
-    lse = tl.load(LSE + m_rows[:, None] * slse_m + offs_p[None, :],
-                  mask=rows_ok[:, None] & (offs_p < nsplit)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")
-    mx = tl.max(lse, 1)
+    lse = tl.load(LSE_row + offs_p, mask=offs_p < nsplit, other=float("-inf"), cache_modifier=mod)
+    mx = tl.max(lse, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    denom = tl.sum(tl.exp2(lse - mx[:, None]), 1)
-    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    for p in range(0, nsplit):
-        w = tl.exp2(tl.load(LSE + m_rows * slse_m + p, mask=rows_ok, other=float("-inf"),
-                            cache_modifier=".cg") - mx)
-        part = tl.load(OPART + m_rows[:, None] * sop_m + p * sop_p + offs_v[None, :], mask=omask,
-                       other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * part
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=omask)
+    denom = tl.sum(tl.exp2(lse - mx), 0)
+    acc = tl.zeros(offs_v.shape, tl.float32)
+    for p0 in range(0, nsplit, SPLIT_BLOCK):
+        offs = p0 + tl.arange(0, SPLIT_BLOCK)
+        p_ok = offs < nsplit
+        w = tl.exp2(tl.load(LSE_row + offs, mask=p_ok, other=float("-inf"), cache_modifier=mod) - mx)
+        part = tl.load(OPART_row + offs[:, None] * sop_p + offs_v[None, :], mask=p_ok[:, None] & v_ok[None, :],
+                       other=0.0, cache_modifier=mod)
+        acc += tl.sum(w[:, None] * part, 0)
+    return acc / tl.where(denom > 0.0, denom, 1.0)
 
 
 def _last_of_unit(CNT, unit, nsplit):
@@ -201,7 +200,7 @@ def _last_of_unit(CNT, unit, nsplit):
 
 
 _HELPERS = (_split_range, _page_ids, _row_offsets, _row_mask, _load_rows, _attend_tile, _normalise,
-            _combine_rows, _last_of_unit)
+            _merge_row, _last_of_unit)
 
 
 def _absorb_partial_kernel(
@@ -271,7 +270,8 @@ def _gqa_partial_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DN_PAD: tl.constexpr, DR_PAD: tl.constexpr, DV_PAD: tl.constexpr,
         PAGED: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, FUSED: tl.constexpr = False, SPLIT_PAD: tl.constexpr = 1):
+        DOT_DTYPE: tl.constexpr, FUSED: tl.constexpr = False, SPLIT_PAD: tl.constexpr = 1,
+        SPLIT_BLOCK: tl.constexpr = 1):
     pid_p = tl.program_id(0)
     pid_gm = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -324,9 +324,18 @@ def _gqa_partial_kernel(
         tl.store(LSE + b * slse_b + m_glob * slse_m + pid_p, lse, mask=row_ok)
         if FUSED:
             if _last_of_unit(CNT, b * tl.num_programs(1) + pid_gm, nsplit):
-                _combine_rows(OPART + b * sop_b, LSE + b * slse_b,
-                              OUT + b * so_b + (s_idx * so_s + h_idx * so_h)[:, None] + offs_dv[None, :],
-                              m_glob, row_ok, offs_dv, omask, nsplit, sop_m, sop_p, slse_m, SPLIT_PAD, BLOCK_M, DV_PAD)
+                # merge the unit's rows one at a time: each a (splits x d_v) tile read from L2
+                for i in range(0, BLOCK_M):
+                    r = mb * BLOCK_M + i
+                    if r < M * S:
+                        s_r = r // M
+                        h_r = g * M + r % M
+                        m_r = s_r * H + h_r
+                        o_r = _merge_row(OPART + b * sop_b + m_r * sop_m, LSE + b * slse_b + m_r * slse_m,
+                                         nsplit, sop_p, offs_dv, offs_dv < DV, SPLIT_PAD,
+                                         SPLIT_BLOCK, True)
+                        tl.store(OUT + b * so_b + s_r * so_s + h_r * so_h + offs_dv,
+                                 o_r.to(OUT.dtype.element_ty), mask=offs_dv < DV)
 
 
 def _combine_kernel(
@@ -337,23 +346,10 @@ def _combine_kernel(
     m = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    lse_base = LSE + b * slse_b + m * slse_m
-    offs_p = tl.arange(0, SPLIT_PAD)
-    lse = tl.load(lse_base + offs_p, mask=offs_p < nsplit, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    denom = tl.sum(tl.exp2(lse - mx), 0)
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = offs_v < DV
-    acc = tl.zeros([BLOCK_DV], tl.float32)
-    for p0 in range(0, nsplit, SPLIT_BLOCK):
-        offs = p0 + tl.arange(0, SPLIT_BLOCK)
-        p_ok = offs < nsplit
-        w = tl.exp2(tl.load(lse_base + offs, mask=p_ok, other=float("-inf")) - mx)
-        part = tl.load(OPART + b * sop_b + m * sop_m + offs[:, None] * sop_p + offs_v[None, :],
-                       mask=p_ok[:, None] & v_ok[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * part, 0)
-    out = acc / tl.where(denom > 0.0, denom, 1.0)
+    out = _merge_row(OPART + b * sop_b + m * sop_m, LSE + b * slse_b + m * slse_m, nsplit, sop_p, offs_v,
+                     v_ok, SPLIT_PAD, SPLIT_BLOCK, False)
     s = m // H
     h = m % H
     tl.store(OUT + b * so_b + s * so_s + h * so_h + offs_v, out.to(OUT.dtype.element_ty), mask=v_ok)
@@ -977,6 +973,7 @@ def gqa_decode(q_nope: Tensor, q_rope: Tensor, k_nope: Tensor, v: Tensor, k_rope
             DN_PAD=max(16, _pow2(DN)), DR_PAD=max(16, _pow2(DR)), DV_PAD=max(16, _pow2(DV)),
             PAGED=block_table is not None, DIRECT=direct, DOT_PREC=prec, DOT_DTYPE=_dot_dtype(q_nope.dtype),
             FUSED=fused[0], SPLIT_PAD=_pow2(nsplit) if fused[0] else 1,
+            SPLIT_BLOCK=min(64, _pow2(nsplit)) if fused[0] else 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     key = ("gqa", q_nope.dtype, H, G, S, DN, DR, DV, block_table is not None, str(q_nope.device))
