@@ -19,10 +19,7 @@ Split-KV ("flash-decoding"): each (sequence, row block[, group]) is cut into ``n
 chunks of the sequence's keys; one program per chunk writes an fp32 partial output normalised
 by its own softmax sum plus the chunk's log-sum-exp (base 2); a small combine kernel merges the
 chunks (weights 2^(lse_i - max lse)). With one split the partial kernel writes the final output
-directly and no combine runs. The gqa kernel merges in place by default (``fused_combine``): each
-program counts its partial as written on a per-unit atomic counter, and the last of a unit's
-programs reads the unit's partials back (from L2) and writes the output, so a decode step is one
-launch; the counter is reset by that program, so CUDA-graph replays need no memset. Inputs bf16 / fp16 / fp32 (fp32 dots use IEEE precision);
+directly and no combine runs. Inputs bf16 / fp16 / fp32 (fp32 dots use IEEE precision);
 accumulation is always fp32. Lengths may differ per sequence (ragged batch).
 
 Cache layouts (last dim contiguous; other strides free):
@@ -47,8 +44,8 @@ sync).
 
 Tuning knobs (for sweeps on the GPU; see ``DecodeKernelConfig``): an explicit ``config``
 argument wins, then environment variables GQLA_DECODE_<PATH>_<FIELD> (PATH = ABSORB or GQA,
-FIELD = BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, NUM_SPLITS, MIN_CHUNK, WAVES, FUSED_COMBINE),
-then the defaults in ``default_config``. If a default configuration runs out of shared memory or
+FIELD = BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, NUM_SPLITS, MIN_CHUNK, WAVES), then the
+defaults in ``default_config``. If a default configuration runs out of shared memory or
 registers at compile time, the wrapper retries with fewer stages / smaller tiles (warning once)
 and remembers the working one; an explicitly set configuration fails instead.
 
@@ -164,43 +161,7 @@ def _normalise(acc, m_i, l_i):
     return acc / l_div[:, None], tl.where(l_ok, m_i + tl.log2(l_div), float("-inf"))
 
 
-def _merge_row(OPART_row, LSE_row, nsplit, sop_p, offs_v, v_ok, SPLIT_PAD: tl.constexpr,
-               SPLIT_BLOCK: tl.constexpr, CG: tl.constexpr):
-    """One output row (columns ``offs_v``) merged from its ``nsplit`` partial rows: weights
-    2^(lse_i - max lse), rows that saw no key give 0. ``CG``: loads bypass L1 (the fused
-    combine reads what other SMs just wrote)."""
-    mod: tl.constexpr = ".cg" if CG else ""
-    offs_p = tl.arange(0, SPLIT_PAD)
-    lse = tl.load(LSE_row + offs_p, mask=offs_p < nsplit, other=float("-inf"), cache_modifier=mod)
-    mx = tl.max(lse, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    denom = tl.sum(tl.exp2(lse - mx), 0)
-    acc = tl.zeros(offs_v.shape, tl.float32)
-    for p0 in range(0, nsplit, SPLIT_BLOCK):
-        offs = p0 + tl.arange(0, SPLIT_BLOCK)
-        p_ok = offs < nsplit
-        w = tl.exp2(tl.load(LSE_row + offs, mask=p_ok, other=float("-inf"), cache_modifier=mod) - mx)
-        part = tl.load(OPART_row + offs[:, None] * sop_p + offs_v[None, :], mask=p_ok[:, None] & v_ok[None, :],
-                       other=0.0, cache_modifier=mod)
-        acc += tl.sum(w[:, None] * part, 0)
-    return acc / tl.where(denom > 0.0, denom, 1.0)
-
-
-def _last_of_unit(CNT, unit, nsplit):
-    """Count this program's partial as written; True in the last of the unit's ``nsplit``
-    programs, which then resets the counter for the next call (so a captured graph replays).
-    The barrier orders every thread's partial stores before the counting thread's release;
-    the acquire orders the last program's loads after the other programs' stores."""
-    tl.debug_barrier()
-    done = tl.atomic_add(CNT + unit, 1, sem="acq_rel", scope="gpu")
-    last = done == nsplit - 1
-    if last:
-        tl.atomic_xchg(CNT + unit, 0, sem="relaxed", scope="gpu")
-    return last
-
-
-_HELPERS = (_split_range, _page_ids, _row_offsets, _row_mask, _load_rows, _attend_tile, _normalise,
-            _merge_row, _last_of_unit)
+_HELPERS = (_split_range, _page_ids, _row_offsets, _row_mask, _load_rows, _attend_tile, _normalise)
 
 
 def _absorb_partial_kernel(
@@ -260,7 +221,7 @@ def _absorb_partial_kernel(
 
 
 def _gqa_partial_kernel(
-        QN, QR, KN, V, KR, BT, LENS, OPART, LSE, OUT, CNT,
+        QN, QR, KN, V, KR, BT, LENS, OPART, LSE, OUT,
         sqn_b, sqn_s, sqn_h, sqr_b, sqr_s, sqr_h,
         skn_0, skn_1, skn_g, sv_0, sv_1, sv_g, skr_0, skr_1, sbt_b,
         sop_b, sop_m, sop_p, slse_b, slse_m,
@@ -270,8 +231,7 @@ def _gqa_partial_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DN_PAD: tl.constexpr, DR_PAD: tl.constexpr, DV_PAD: tl.constexpr,
         PAGED: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, FUSED: tl.constexpr = False, SPLIT_PAD: tl.constexpr = 1,
-        SPLIT_BLOCK: tl.constexpr = 1):
+        DOT_DTYPE: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_gm = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -322,20 +282,6 @@ def _gqa_partial_kernel(
     else:
         tl.store(OPART + b * sop_b + m_glob[:, None] * sop_m + pid_p * sop_p + offs_dv[None, :], o, mask=omask)
         tl.store(LSE + b * slse_b + m_glob * slse_m + pid_p, lse, mask=row_ok)
-        if FUSED:
-            if _last_of_unit(CNT, b * tl.num_programs(1) + pid_gm, nsplit):
-                # merge the unit's rows one at a time: each a (splits x d_v) tile read from L2
-                for i in range(0, BLOCK_M):
-                    r = mb * BLOCK_M + i
-                    if r < M * S:
-                        s_r = r // M
-                        h_r = g * M + r % M
-                        m_r = s_r * H + h_r
-                        o_r = _merge_row(OPART + b * sop_b + m_r * sop_m, LSE + b * slse_b + m_r * slse_m,
-                                         nsplit, sop_p, offs_dv, offs_dv < DV, SPLIT_PAD,
-                                         SPLIT_BLOCK, True)
-                        tl.store(OUT + b * so_b + s_r * so_s + h_r * so_h + offs_dv,
-                                 o_r.to(OUT.dtype.element_ty), mask=offs_dv < DV)
 
 
 def _combine_kernel(
@@ -346,10 +292,23 @@ def _combine_kernel(
     m = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    lse_base = LSE + b * slse_b + m * slse_m
+    offs_p = tl.arange(0, SPLIT_PAD)
+    lse = tl.load(lse_base + offs_p, mask=offs_p < nsplit, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    denom = tl.sum(tl.exp2(lse - mx), 0)
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = offs_v < DV
-    out = _merge_row(OPART + b * sop_b + m * sop_m, LSE + b * slse_b + m * slse_m, nsplit, sop_p, offs_v,
-                     v_ok, SPLIT_PAD, SPLIT_BLOCK, False)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for p0 in range(0, nsplit, SPLIT_BLOCK):
+        offs = p0 + tl.arange(0, SPLIT_BLOCK)
+        p_ok = offs < nsplit
+        w = tl.exp2(tl.load(lse_base + offs, mask=p_ok, other=float("-inf")) - mx)
+        part = tl.load(OPART + b * sop_b + m * sop_m + offs[:, None] * sop_p + offs_v[None, :],
+                       mask=p_ok[:, None] & v_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+    out = acc / tl.where(denom > 0.0, denom, 1.0)
     s = m // H
     h = m % H
     tl.store(OUT + b * so_b + s * so_s + h * so_h + offs_v, out.to(OUT.dtype.element_ty), mask=v_ok)
@@ -451,8 +410,6 @@ class DecodeKernelConfig:
     """Heuristic: fewest keys of the longest sequence per split."""
     waves: Optional[float] = None
     """Heuristic: programs resident per SM at once (slots = waves x SMs; see choose_num_splits)."""
-    fused_combine: Optional[int] = None
-    """gqa, 1: the last program of each unit merges the splits (no combine launch); 0: separate kernel."""
 
 
 _FIELDS = [f.name for f in dataclasses.fields(DecodeKernelConfig)]
@@ -472,27 +429,25 @@ def default_config(path: str, rows: int, dtype: torch.dtype) -> DecodeKernelConf
         if wide:
             bm = min(bm, 32)
             return DecodeKernelConfig(block_m=bm, block_n=16, num_warps=4 if bm == 16 else 8,
-                                      num_stages=1, num_splits=None, min_chunk=128, waves=1.0,
-                                      fused_combine=0)
+                                      num_stages=1, num_splits=None, min_chunk=128, waves=1.0)
         if bm <= 32:
             # H200 sweep 3 (benchmarks/decode_kernels_h200/run4_occupancy): 32 x 32 tiles, 4
             # warps, 3 stages take 113 KB shared memory and 255 registers, so two programs share
             # an SM and one's loads overlap the other's softmax (B=128 L=8k s_q=1: 2.66 -> 2.95
             # TB/s over 32 x 64, 8 warps, one program per SM)
             return DecodeKernelConfig(block_m=bm, block_n=32, num_warps=4, num_stages=3,
-                                      num_splits=None, min_chunk=128, waves=2.0, fused_combine=0)
+                                      num_splits=None, min_chunk=128, waves=2.0)
         # 64 rows: 64 x 64 tiles, 8 warps, 2 stages (221 KB: one program per SM); no tile with
         # a 64 x 512 fp32 accumulator fits twice per SM
         return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=8, num_stages=2,
-                                  num_splits=None, min_chunk=128, waves=1.0, fused_combine=0)
+                                  num_splits=None, min_chunk=128, waves=1.0)
     # gqa: 16-row tiles x 64 keys, 4 warps, 3 stages: 90 KB, two programs per SM (waves 2 took
-    # B=8 L=32k from 88 to 95 % of the copy rate in sweep 3); the splits merged by the last
-    # program of each unit (one launch less: the B = 1 cells are launch-bound)
+    # B=8 L=32k from 88 to 95 % of the copy rate in sweep 3)
     if wide:
         return DecodeKernelConfig(block_m=bm, block_n=32, num_warps=8, num_stages=2,
-                                  num_splits=None, min_chunk=64, waves=3.0, fused_combine=1)
+                                  num_splits=None, min_chunk=64, waves=3.0)
     return DecodeKernelConfig(block_m=bm, block_n=64, num_warps=4, num_stages=3,
-                              num_splits=None, min_chunk=64, waves=2.0, fused_combine=1)
+                              num_splits=None, min_chunk=64, waves=2.0)
 
 
 def _env_value(path: str, field: str):
@@ -535,10 +490,6 @@ def resolve_config(path: str, rows: int, dtype: torch.dtype,
         raise ValueError(f"min_chunk must be >= 1, got {cfg.min_chunk}")
     if not cfg.waves > 0:
         raise ValueError(f"waves must be > 0, got {cfg.waves}")
-    if cfg.fused_combine not in (0, 1):
-        raise ValueError(f"fused_combine must be 0 or 1, got {cfg.fused_combine}")
-    if cfg.fused_combine and path != "gqa":
-        raise ValueError("fused_combine is implemented for the gqa kernel only")
     return cfg, explicit
 
 
@@ -705,24 +656,6 @@ def _launch_with_fallback(key: tuple, cfg: DecodeKernelConfig, explicit: bool, l
                 warnings.warn(f"decode kernel {key[0]}: {cfg} ran out of resources ({e}); "
                               f"retrying with {smaller}")
             cfg = smaller
-
-
-_COUNTERS: Dict[str, Tensor] = {}
-
-
-def _split_counters(device, units: int) -> Optional[Tensor]:
-    """Zeroed int32 arrival counters, one per unit (sequence x group x row block), for the fused
-    combine; each unit's last program resets its counter, so one buffer per device serves every
-    call (decode calls on one device must not run concurrently on two streams). None while a
-    CUDA graph is being captured and the buffer would have to grow: that call uses the combine
-    kernel instead (allocating inside a capture would tie the buffer to the graph's pool)."""
-    key = str(device)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < units:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _COUNTERS[key] = torch.zeros(max(units, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
@@ -952,14 +885,10 @@ def gqa_decode(q_nope: Tensor, q_rope: Tensor, k_nope: Tensor, v: Tensor, k_rope
     qk_scale = float(softmax_scale) * math.log2(math.e)
     prec = "ieee" if q_nope.dtype == torch.float32 else None
 
-    fused = []
-
     def launch(cfg: DecodeKernelConfig):
         mblocks = triton.cdiv(M * S, cfg.block_m)
-        cnt = _split_counters(q_nope.device, B * G * mblocks) if cfg.fused_combine and not direct else None
-        fused[:] = [cnt is not None]
         _gqa_partial[(nsplit, G * mblocks, B)](
-            q_nope, q_rope, k_nope, v, k_rope, bt, lengths, opart, lse, out, cnt if cnt is not None else lengths,
+            q_nope, q_rope, k_nope, v, k_rope, bt, lengths, opart, lse, out,
             q_nope.stride(0), q_nope.stride(1), q_nope.stride(2),
             q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),
             k_nope.stride(0), k_nope.stride(1), k_nope.stride(2),
@@ -972,12 +901,10 @@ def gqa_decode(q_nope: Tensor, q_rope: Tensor, k_nope: Tensor, v: Tensor, k_rope
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             DN_PAD=max(16, _pow2(DN)), DR_PAD=max(16, _pow2(DR)), DV_PAD=max(16, _pow2(DV)),
             PAGED=block_table is not None, DIRECT=direct, DOT_PREC=prec, DOT_DTYPE=_dot_dtype(q_nope.dtype),
-            FUSED=fused[0], SPLIT_PAD=_pow2(nsplit) if fused[0] else 1,
-            SPLIT_BLOCK=min(64, _pow2(nsplit)) if fused[0] else 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     key = ("gqa", q_nope.dtype, H, G, S, DN, DR, DV, block_table is not None, str(q_nope.device))
     _launch_with_fallback(key, plan.config, explicit, launch)
-    if not direct and not fused[0]:
+    if not direct:
         _run_combine(opart, lse, out, H, DV, nsplit, q_nope.device)
     return out

@@ -252,11 +252,8 @@ def test_default_configs_compile_for_sm90_without_spills(path, rows, dtype, page
         consts = dict(R=512, DR=64, R_PAD=512, DR_PAD=64, **common)
         fn = td._absorb_partial_kernel
     else:
-        ptrs = dict(QN=p, QR=p, KN=p, V=p, KR=p, BT="*i32", LENS="*i64", OPART="*fp32", LSE="*fp32", OUT=p,
-                    CNT="*i32")
-        # the split variant with the fused combine (the default): 64 splits = B=1 at 8k
-        consts = dict(DN=128, DR=64, DV=128, DN_PAD=128, DR_PAD=64, DV_PAD=128,
-                      FUSED=bool(cfg.fused_combine), SPLIT_PAD=64, SPLIT_BLOCK=64, **common)
+        ptrs = dict(QN=p, QR=p, KN=p, V=p, KR=p, BT="*i32", LENS="*i64", OPART="*fp32", LSE="*fp32", OUT=p)
+        consts = dict(DN=128, DR=64, DV=128, DN_PAD=128, DR_PAD=64, DV_PAD=128, **common)
         fn = td._gqa_partial_kernel
     shared, report = _compile_sm90(fn, ptrs, ("sbt_b",) + td._RUNTIME, consts, cfg.num_warps, cfg.num_stages)
     assert shared <= SM90_SMEM, f"{cfg}: {shared} B shared memory > {SM90_SMEM}"

@@ -1,5 +1,7 @@
-# Device command of run 12 (one H200; no carry needed): the gqa kernel's fused combine (the last
-# program of each unit merges the splits; one launch per decode step). GPU tests of the Triton
+# Device command of run 12 (one H200; no carry needed), run twice: the gqa kernel's fused combine
+# (the last program of each unit merges the splits; one launch per decode step), in the form of
+# commit 7809a9b (call1_tile/) and of commit 595866e (call2_rowwise/). Both measured slower than
+# the separate combine kernel and were reverted; check out either commit to rerun. GPU tests of the Triton
 # kernels (gqa + capture + the contention test), then the gqa grid with the fused combine (the
 # default) and with the separate combine kernel (GQLA_DECODE_GQA_FUSED_COMBINE=0), no peers.
 set -o pipefail
