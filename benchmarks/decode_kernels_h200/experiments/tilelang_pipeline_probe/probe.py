@@ -116,7 +116,6 @@ def main():
             t = bd.time_graph(lambda k=k: k(q, x["c"], x["k_rope"], sink), dev, warmup=3, iters=10, flush=flush)
             msg.append(f"{name} {t * 1e6:.1f}us {100 * nbytes / t / 1e12 / copy:.0f}%")
         print(f"B={B} L={L} splits={ns}: " + " | ".join(msg), flush=True)
-        del x, q, sink
 
 
 if __name__ == "__main__":
