@@ -15,6 +15,11 @@ Variants (buffers x tokens per buffer, query tile allocated or not):
   4x32+q  the same bytes as 2x64 in four 36 KB buffers (finer-grained release)
   6x32    six 36 KB buffers, no query tile
 
+State: run 1 (session 5) hung after compiling -- both consumer warpgroups asked for 240 registers,
+over the SM's budget with the producer's 80, so ``setmaxnreg.inc`` never returned
+(``run1_hang.log``: the device call's limit cut it; no cell finished). Fixed (168), compiled
+offline, NOT rerun: the session's device time was spent.
+
 Run (one H200, carry [".tlkit"]): see cmd.sh. Prints, per cell, each variant's time and its
 fraction of the measured copy rate (L2 flushed, CUDA-graph replays); the package kernel's figures
 for the same cells are in ../../run11_tilelang_ws/grid (timed the same way, same machine kind).
@@ -74,7 +79,10 @@ def build(nbuf: int, bn: int, with_q: bool, dtype="bfloat16"):
                     T.tma_copy(KR[b, k0:k0 + bn, :], K_pe[s, :, :], barrier=full[s])
                     T.barrier_arrive(full[s])
             else:
-                T.set_max_nreg(240, 1)
+                # both consumer warpgroups together with the producer's 80 must stay within the
+                # SM's 64K registers (2 x 128 x 240 + 128 x 80 did not: setmaxnreg.inc waited
+                # forever, run1_hang.log); the package kernel asks 240 + 168 + 80
+                T.set_max_nreg(168, 1)
                 acc[0] = 0.0
                 T.barrier_wait(bar_q[0], 0)
                 for t in T.serial(n_iter):
