@@ -266,6 +266,9 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         n_iter = T.ceildiv(T.max(end - start, 0), BN)
         tx = T.get_thread_binding()
 
+        # register budgets (setmaxnreg): the kernel launches at 168 per thread (64K / 384); the
+        # producer gives back to 80 and "scores" takes 240, "right" keeps 168: 128 x (80 + 240 +
+        # 168) <= 64K. Asking for more than the producer frees makes setmaxnreg.inc wait forever.
         if tx >= 256:
             T.set_max_nreg(80, 0)
             # one TMA box each; rows past ROWS lie outside the (B, ROWS, .) tensor: zeros
