@@ -14,7 +14,7 @@ multi-token-prediction drafts), H heads, G groups, M = H/G.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +37,14 @@ class DecodeBackend:
     def prepare(self, w: GQLAWeights, cfg: GQLAConfig) -> dict:
         """Per-layer constants derived from the weights, computed once at load."""
         return {"W_UK": w.W_UK(cfg).contiguous(), "W_UV": w.W_UV(cfg).contiguous()}
+
+    def warmup(self, cfg: GQLAConfig, device: torch.device, dtype: torch.dtype, *, max_batch: int,
+               capacity: int, s_q: Sequence[int], len_dtype: torch.dtype, page: int = 0) -> List[str]:
+        """Compile (or otherwise ready) at load what ``attend`` will need for calls of up to
+        ``max_batch`` sequences, ``capacity`` cache slots, these query counts per sequence and
+        this lengths dtype / page size, so the first such decode step does not stall. Returns
+        what it readied (for logs); the default has nothing to ready."""
+        return []
 
     def attend(self, prep: dict, q_nope: Tensor, q_rope: Tensor, cache: dict, lengths: Tensor,
                cfg: GQLAConfig) -> Tensor:

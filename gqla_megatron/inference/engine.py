@@ -268,6 +268,8 @@ class GQLAEngine:
         self._set_path(self.decision.path)
         if verbose:
             print(self.decision.summary())
+            if self.warmed:
+                print("readied at load: " + "; ".join(self.warmed))
 
     # ---- path and cache ---------------------------------------------------------------
     def _set_path(self, path: str) -> None:
@@ -280,6 +282,11 @@ class GQLAEngine:
         self.path, self.backend, self.rejected_backends = path, choice.backend, choice.rejected
         self.prepared = [self.backend.prepare(w, c) for c, w in self.local]
         self.prepared_mtp = [self.backend.prepare(w, c) for c, w in self.local_mtp]
+        # kernels the backend compiles lazily are compiled now, not at the first decode step
+        # that needs them (decode steps: 1 token, or 1 + k under speculation, MTP depths too)
+        self.warmed = self.backend.warmup(self.cfg, self.device, self.dtype, max_batch=self.max_batch,
+                                          capacity=self.capacity, s_q=tuple(range(1, self.k + 2)),
+                                          len_dtype=torch.long)
         if self._graphs is not None:
             self._graphs.reset()
 

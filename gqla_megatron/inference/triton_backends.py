@@ -94,6 +94,22 @@ class _TileLangAbsorb(_TritonAbsorb):
         # the Triton kernel serves the small grids: it must run too
         return problems + [f"triton fallback: {p}" for p in super().supported(cfg, device, dtype)]
 
+    def warmup(self, cfg, device, dtype, *, max_batch, capacity, s_q, len_dtype, page=0):
+        """Compile the TileLang kernels (split and direct: ~40 s each on a fresh H200 host, then
+        TileLang's disk cache) at load when some decode call up to these sizes will run them."""
+        from gqla_megatron.kernels import tilelang_decode as tld
+
+        rows = cfg.num_attention_heads * max(s_q)
+        if not tld.prefers(max_batch, rows, capacity, page, len_dtype):
+            return []
+        done = []
+        for direct in (True, False):
+            tld.compile_absorb(r=cfg.kv_lora_rank, dr=cfg.qk_pos_emb_head_dim, dtype=tld._tl_dtype(dtype),
+                               len_dtype=tld._tl_dtype(len_dtype), page=page, direct=direct)
+            done.append(f"tilelang absorb kernel ({'direct' if direct else 'split'}, page {page}, "
+                        f"{dtype}, lengths {len_dtype})")
+        return done
+
     def _kernel(self, cache, lengths, batch: int, rows: int):
         from gqla_megatron.kernels import tilelang_decode as tld
 

@@ -217,6 +217,27 @@ def test_train_mtp_then_serve_speculative(tmp_path):
     assert bad.returncode == 2 and "greedy only" in bad.stderr
 
 
+def test_backend_warmup_gets_the_engine_sizes(monkeypatch):
+    """The engine asks its backend, once at load, to ready kernels for its own decode calls:
+    its batch, cache capacity, query tokens per step and lengths dtype (long)."""
+    from gqla_megatron.inference import backends as bk
+
+    seen = []
+
+    def warmup(self, cfg, device, dtype, **kw):
+        seen.append((self.name, cfg.num_attention_heads, dtype, kw))
+        return ["x"]
+
+    monkeypatch.setattr(bk.DecodeBackend, "warmup", warmup)
+    eng = GQLAEngine(model(), CFG, decode_path="absorb", max_batch=3, max_seq_len=40, device_spec=H100)
+    assert eng.warmed == ["x"]
+    assert seen == [("torch_absorb", 8, torch.float32,
+                     dict(max_batch=3, capacity=40, s_q=(1,), len_dtype=torch.long))]
+    GQLAEngine(model(), CFG, decode_path="gqa", max_batch=2, max_seq_len=16, device_spec=H100)
+    assert seen[-1] == ("torch_gqa", 8, torch.float32, dict(max_batch=2, capacity=16, s_q=(1,),
+                                                             len_dtype=torch.long))
+
+
 def test_step_rms_norm_is_the_reference_norm():
     """The decode step's RMSNorm (torch's F.rms_norm) gives the reference's bits in fp32 and
     fp64 on CPU, and reduces bf16 inputs in fp32 (at least as close to the fp64 norm)."""

@@ -35,6 +35,38 @@ def test_prefers_rule():
     assert not tld.prefers(128, 64, 8192, 64, block_table=table64)   # kernel takes int32 tables
 
 
+def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
+    """tilelang_absorb.warmup compiles the two kernels (direct, split) with the dtypes and page
+    size attend() will pass -- the same lru-cached compile_absorb call, so the first decode step
+    that needs them finds them compiled -- and nothing when no call up to these sizes runs them."""
+    from gqla_megatron.config import GQLAConfig
+    from gqla_megatron.inference.backends import REGISTRY
+
+    calls = []
+    monkeypatch.setattr(tld, "compile_absorb", lambda **kw: calls.append(kw))
+    backend = REGISTRY["tilelang_absorb"]()
+    big = GQLAConfig(hidden_size=4096, num_attention_heads=32, num_query_groups=8, kv_lora_rank=512,
+                     qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
+    done = backend.warmup(big, CPU, torch.bfloat16, max_batch=8, capacity=8192, s_q=(1,),
+                          len_dtype=torch.int64)
+    assert len(done) == 2 and sorted(c["direct"] for c in calls) == [False, True]
+    assert all(c == dict(r=512, dr=64, dtype="bfloat16", len_dtype="int64", page=0, direct=c["direct"])
+               for c in calls)
+    calls.clear()
+    # 16 heads x 1 token: below MIN_ROWS, the Triton kernel serves every call -> nothing to compile
+    small = GQLAConfig(hidden_size=2048, num_attention_heads=16, num_query_groups=4, kv_lora_rank=512,
+                       qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
+    assert backend.warmup(small, CPU, torch.bfloat16, max_batch=128, capacity=32768, s_q=(1,),
+                          len_dtype=torch.int64) == [] and calls == []
+    # ... but MTP speculation (s_q up to 2 -> 32 rows) does reach it
+    assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=128, capacity=32768, s_q=(1, 2),
+                              len_dtype=torch.int64)) == 2
+    # too few cached tokens in any call (B x capacity < MIN_TOKENS)
+    calls.clear()
+    assert backend.warmup(big, CPU, torch.bfloat16, max_batch=1, capacity=1024, s_q=(1,),
+                          len_dtype=torch.int64) == [] and calls == []
+
+
 def test_problems_on_cpu_name_each_reason():
     why = " ".join(tld.absorb_problems(CPU, torch.float32, kv_lora_rank=256, rope_dim=32))
     for part in ("not CUDA", "float32 unsupported", "kv_lora_rank 256", "rope dim 32"):
