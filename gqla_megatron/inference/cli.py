@@ -105,6 +105,8 @@ def _generate(args) -> int:
     print(f"TP {engine.tp}: " + engine.decision.summary())
     print(f"decode backend: {engine.backend.name}" +
           "".join(f"; rejected {k}: {v}" for k, v in engine.rejected_backends.items()))
+    if engine.warmed:
+        print("compiled at load: " + "; ".join(engine.warmed))
     print(f"KV-cache bytes per token per rank (all layers, {engine.dtype}): absorb {engine.cache_bytes_per_token('absorb'):,} "
           f"| gqa {engine.cache_bytes_per_token('gqa'):,}")
     if engine.speculative:
