@@ -125,6 +125,11 @@ def test_compiles_for_sm90a_warp_specialised_without_spills(offline, page, direc
     # the score products are issued back to back and waited for once (the async wgmma path)
     assert "wait_wgmma<0>" in src
     assert "warpgroup_reg_alloc" in src and "warpgroup_reg_dealloc" in src
+    # the three warpgroups' register budgets must fit the SM's 64K registers together: a
+    # setmaxnreg.inc asking for more than the others gave back waits forever on the GPU (the
+    # pipeline probe of session 5 hung that way)
+    budgets = [int(n) for n in re.findall(r"warpgroup_reg_(?:alloc|dealloc)<(\d+)>", src)]
+    assert len(budgets) == 3 and 128 * sum(budgets) <= 65536, budgets
     # ptxas on the generated source: registers within the consumer cap, nothing spilled
     inc = os.path.join(os.path.dirname(tilelang.__file__), "src")
     cutlass = os.path.join(os.path.dirname(tilelang.__file__), "3rdparty", "cutlass", "include")
