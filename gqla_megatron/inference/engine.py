@@ -269,7 +269,7 @@ class GQLAEngine:
         if verbose:
             print(self.decision.summary())
             if self.warmed:
-                print("readied at load: " + "; ".join(self.warmed))
+                print("compiled at load: " + "; ".join(self.warmed))
 
     # ---- path and cache ---------------------------------------------------------------
     def _set_path(self, path: str) -> None:

@@ -102,10 +102,10 @@ class _TileLangAbsorb(_TritonAbsorb):
         rows = cfg.num_attention_heads * max(s_q)
         if not tld.prefers(max_batch, rows, capacity, page, len_dtype):
             return []
+        args = tld.kernel_args(cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim, dtype, len_dtype, page)
         done = []
         for direct in (True, False):
-            tld.compile_absorb(r=cfg.kv_lora_rank, dr=cfg.qk_pos_emb_head_dim, dtype=tld._tl_dtype(dtype),
-                               len_dtype=tld._tl_dtype(len_dtype), page=page, direct=direct)
+            tld.compile_absorb(direct=direct, **args)
             done.append(f"tilelang absorb kernel ({'direct' if direct else 'split'}, page {page}, "
                         f"{dtype}, lengths {len_dtype})")
         return done

@@ -362,6 +362,13 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
     return main
 
 
+def kernel_args(r: int, dr: int, dtype: torch.dtype, len_dtype: torch.dtype, page: int) -> dict:
+    """``compile_absorb`` arguments (all but ``direct``) for calls with these widths, cache dtype,
+    lengths dtype and page size (0 = contiguous): the one mapping ``absorb_decode`` and the
+    backend's load-time warm-up share, so the warm-up compiles exactly the kernels calls use."""
+    return dict(r=r, dr=dr, dtype=_tl_dtype(dtype), len_dtype=_tl_dtype(len_dtype), page=page)
+
+
 @functools.lru_cache(maxsize=64)
 def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
                    target: Optional[str] = None):
@@ -409,7 +416,7 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
         qr2 = qr2.contiguous()
     nsplit = num_splits or plan_splits(B, rows, max_len or cap, q_abs.device)
     bt = block_table if block_table is not None else _dummy_table(q_abs.device, B)
-    common = dict(r=R, dr=DR, dtype=_tl_dtype(q_abs.dtype), len_dtype=_tl_dtype(lengths.dtype), page=page)
+    common = kernel_args(R, DR, q_abs.dtype, lengths.dtype, page)
     qk_scale = float(softmax_scale) * math.log2(math.e)
     if nsplit == 1:
         o2 = out.view(B, rows, R) if out.is_contiguous() else torch.empty(B, rows, R, dtype=out.dtype,
