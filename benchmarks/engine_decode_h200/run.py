@@ -110,8 +110,13 @@ def need_bytes(cfg, layers, path, batch, capacity, s_q):
 
 def time_cell(eng, batch, context, *, warmup=2, max_steps=10, max_s=1.5):
     st = eng.fill_random_context(batch, context)
-    for _ in range(warmup):  # the first step captures the CUDA graphs when they are on
+    _sync(eng.device)
+    t_first = time.perf_counter()
+    for i in range(warmup):  # the first step captures the CUDA graphs when they are on
         eng.bench_step(st)
+        if i == 0:
+            _sync(eng.device)
+            first_s = time.perf_counter() - t_first  # graph capture (+ any kernel compiled mid-serving)
     _sync(eng.device)
     emitted, steps, t0 = 0, 0, time.perf_counter()
     acc = []
@@ -121,7 +126,7 @@ def time_cell(eng, batch, context, *, warmup=2, max_steps=10, max_s=1.5):
     _sync(eng.device)
     dt = time.perf_counter() - t0
     emitted = int(torch.stack(acc).sum())
-    return {"steps": steps, "step_s": dt / steps, "tokens_per_s": emitted / dt,
+    return {"steps": steps, "step_s": dt / steps, "tokens_per_s": emitted / dt, "first_step_s": first_s,
             "tokens_per_step_per_row": emitted / (steps * batch)}
 
 
@@ -139,6 +144,7 @@ MODES = {"plain_eager": ("plain", False, False), "plain_graphs": ("plain", False
 
 
 def main(argv=None):
+    global BATCHES, CONTEXTS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (results.json, results.md)")
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting cells after this many seconds")
@@ -152,13 +158,16 @@ def main(argv=None):
                         "torch_<path>)")
     p.add_argument("--paths", nargs="+", default=["absorb", "gqa"], choices=["absorb", "gqa"],
                    help="decode paths to time (default both)")
+    p.add_argument("--batches", nargs="+", type=int, default=None, help=f"batch sizes (default {BATCHES})")
+    p.add_argument("--contexts", nargs="+", type=int, default=None, help=f"context lengths (default {CONTEXTS})")
     args = p.parse_args(argv)
-    global BATCHES, CONTEXTS
     if args.cpu_smoke:
         BATCHES, CONTEXTS = (1, 4), (64, 128)
     elif not torch.cuda.is_available():
         print("engine_decode_h200: needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
+    BATCHES = tuple(args.batches or BATCHES)
+    CONTEXTS = tuple(args.contexts or CONTEXTS)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     dev = torch.device("cpu" if args.cpu_smoke else "cuda")
@@ -196,10 +205,13 @@ def main(argv=None):
                 continue
             eng = None
             try:
+                t_load = time.perf_counter()
                 eng = GQLAEngine(mw, cfg, decode_path=path, max_batch=batch, max_seq_len=capacity, device=dev,
                                  dtype=dtype, device_spec=table, speculative=spec_on, cuda_graphs=graphs,
                                  decode_backend="auto" if backend_family == "auto" else f"{backend_family}_{path}")
                 cell["backend"] = eng.backend.name
+                cell["load_s"] = time.perf_counter() - t_load  # includes kernels compiled at load (warmup)
+                cell["compiled_at_load"] = list(eng.warmed)
                 cell.update(time_cell(eng, batch, context, max_s=args.max_cell_s))
                 if spec_on:
                     cell["acceptance_rate"] = cell["tokens_per_step_per_row"] - 1.0
@@ -214,7 +226,9 @@ def main(argv=None):
             if "tokens_per_s" in cell:
                 print(f"{mode:8s} graphs={int(graphs)} {path:6s} B={batch:3d} ctx={context:5d}: "
                       f"{cell['tokens_per_s']:10.0f} tok/s, step {cell['step_s'] * 1e3:7.2f} ms "
-                      f"(pred {cell['predicted_h200_table']['step_s'] * 1e3:6.2f} ms) {cell['backend']}", flush=True)
+                      f"(pred {cell['predicted_h200_table']['step_s'] * 1e3:6.2f} ms) {cell['backend']}; load {cell['load_s']:.1f} s, first step {cell['first_step_s']:.2f} s"
+                      + (f", compiled at load: {'; '.join(cell['compiled_at_load'])}" if cell["compiled_at_load"] else ""),
+                      flush=True)
             else:
                 print(f"{mode:8s} graphs={int(graphs)} {path:6s} B={batch:3d} ctx={context:5d}: skipped: {cell['skipped']}",
                       flush=True)
