@@ -137,7 +137,8 @@ def _tl_dtype(dtype: torch.dtype) -> str:
             torch.int64: "int64"}[dtype]
 
 
-def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool):
+def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
+                         opts: str = ""):
     """The TileLang prim_func of the partial (or, ``direct``, the final) absorb kernel.
 
     Runtime sizes: batch B, ROWS = heads x s_q query rows per sequence (row m = s * heads + h;
@@ -163,6 +164,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
     H2 = r // 2
     acc = "float32"
     NEG = -T.infinity(acc)
+    fast_mask, p_regs, overlap = "m" in opts, "r" in opts or "o" in opts, "o" in opts
     paged = page > 0
     if paged and page % BN:
         raise ValueError(f"page size {page} must be a multiple of the {BN}-token tile")
@@ -188,18 +190,27 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         T.barrier_arrive(bars[s])
 
     @T.macro
-    def scores(Q_l, Q_r, Q_pe, K_l, K_r, K_pe, acc_s, k0, end, L, heads, pid_m, qk_scale):
+    def qk_issue(Q_l, Q_r, Q_pe, K_l, K_r, K_pe, acc_s):
         T.clear(acc_s)
         T.wgmma_gemm(Q_l, K_l, acc_s, transpose_B=True)
         T.wgmma_gemm(Q_r, K_r, acc_s, transpose_B=True)
         T.wgmma_gemm(Q_pe, K_pe, acc_s, transpose_B=True)
-        T.wait_wgmma(0)
-        for i, j in T.Parallel(BM, BN):
-            # key k0 + j is visible to row i (token s = row // heads) iff it is before the
-            # split's end and at or before the row's own position L + s
-            acc_s[i, j] = T.if_then_else(
-                (k0 + j < end) & (k0 + j <= L + (pid_m * BM + i) // heads) & (pid_m * BM + i < rows),
-                acc_s[i, j] * qk_scale, NEG)
+
+    @T.macro
+    def qk_fix(K_l, K_r, acc_s, k0, end, L, heads, pid_m, qk_scale, lim, full_to):
+        if fast_mask:
+            # raw scores (the scale is folded into the softmax's exp2); tiles every real row
+            # sees whole (k0 + 64 <= min(end, L + 1)) skip the mask; lim[i] = the row's end
+            if k0 + BN > full_to:
+                for i, j in T.Parallel(BM, BN):
+                    acc_s[i, j] = T.if_then_else(k0 + j < lim[i], acc_s[i, j], NEG)
+        else:
+            for i, j in T.Parallel(BM, BN):
+                # key k0 + j is visible to row i (token s = row // heads) iff it is before the
+                # split's end and at or before the row's own position L + s
+                acc_s[i, j] = T.if_then_else(
+                    (k0 + j < end) & (k0 + j <= L + (pid_m * BM + i) // heads) & (pid_m * BM + i < rows),
+                    acc_s[i, j] * qk_scale, NEG)
         if k0 + BN > end:
             # the tile runs past the sequence (or split) end: zero those latent rows before they
             # serve as V, so stale or NaN slots cannot reach the output via 0 * NaN
@@ -210,7 +221,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
             T.fence_proxy_async()
 
     @T.macro
-    def store(OUT, LSE, o, l, m, b, pid_m, pid_p, col, with_lse):
+    def store(OUT, LSE, o, l, m, b, pid_m, pid_p, col, with_lse, qk_scale):
         # direct: OUT (B, ROWS, r) in the input dtype; split: OUT (B, ROWS, NSPLIT, r) fp32 + LSE
         if direct:
             for i, j in T.Parallel(BM, H2):
@@ -223,7 +234,8 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
             if with_lse:
                 for i in T.Parallel(BM):
                     if pid_m * BM + i < rows:
-                        LSE[b, pid_m * BM + i, pid_p] = T.if_then_else(l[i] > 0, m[i] + T.log2(l[i]), NEG)
+                        LSE[b, pid_m * BM + i, pid_p] = T.if_then_else(
+                            l[i] > 0, (m[i] * qk_scale if fast_mask else m[i]) + T.log2(l[i]), NEG)
 
     @T.macro
     def kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, nsplit, pid_p, pid_m, b, OUT, LSE):
@@ -241,6 +253,9 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         l_s = T.alloc_shared([BM], acc)
 
         acc_s = T.alloc_fragment([BM, BN], acc)
+        P_r = T.alloc_fragment([BM, BN], dtype)
+        lim = T.alloc_fragment([BM], "int32")
+        m_sc = T.alloc_fragment([BM], acc)
         acc_l = T.alloc_fragment([BM, H2], acc)
         acc_r = T.alloc_fragment([BM, H2], acc)
         m_i = T.alloc_fragment([BM], acc)
@@ -288,40 +303,85 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
             T.fill(acc_l, 0)
             T.fill(l_i, 0)
             T.fill(m_i, NEG)
+            full_to = T.min(end, L + 1)     # keys every real row of this split sees
+            for i in T.Parallel(BM):
+                lim[i] = T.min(end, L + 1 + (pid_m * BM + i) // heads)
             T.barrier_wait(bar_q[0], 0)
+            if overlap:
+                if n_iter > 0:
+                    T.barrier_wait(full[0], 0)
+                    qk_issue(Q_l, Q_r, Q_pe, K0_l, K0_r, K0_pe, acc_s)
+                    T.wait_wgmma(0)
             for t in T.serial(n_iter):
                 k0 = start + t * BN
-                T.barrier_wait(full[t % 2], (t // 2) & 1)
+                if not overlap:
+                    T.barrier_wait(full[t % 2], (t // 2) & 1)
+                    if t % 2 == 0:
+                        qk_issue(Q_l, Q_r, Q_pe, K0_l, K0_r, K0_pe, acc_s)
+                    else:
+                        qk_issue(Q_l, Q_r, Q_pe, K1_l, K1_r, K1_pe, acc_s)
+                    T.wait_wgmma(0)
                 if t % 2 == 0:
-                    scores(Q_l, Q_r, Q_pe, K0_l, K0_r, K0_pe, acc_s, k0, end, L, heads, pid_m, qk_scale)
+                    qk_fix(K0_l, K0_r, acc_s, k0, end, L, heads, pid_m, qk_scale, lim, full_to)
                 else:
-                    scores(Q_l, Q_r, Q_pe, K1_l, K1_r, K1_pe, acc_s, k0, end, L, heads, pid_m, qk_scale)
+                    qk_fix(K1_l, K1_r, acc_s, k0, end, L, heads, pid_m, qk_scale, lim, full_to)
                 T.copy(m_i, m_prev)
                 T.reduce_max(acc_s, m_i, dim=1, clear=False)
-                for i in T.Parallel(BM):
-                    alpha[i] = T.if_then_else(m_i[i] == NEG, 1.0, T.exp2(m_prev[i] - m_i[i]))
-                for i, j in T.Parallel(BM, BN):
-                    acc_s[i, j] = T.if_then_else(m_i[i] == NEG, 0.0, T.exp2(acc_s[i, j] - m_i[i]))
+                if fast_mask:
+                    for i in T.Parallel(BM):
+                        alpha[i] = T.if_then_else(m_i[i] == NEG, 1.0, T.exp2((m_prev[i] - m_i[i]) * qk_scale))
+                        m_sc[i] = m_i[i] * qk_scale
+                    for i, j in T.Parallel(BM, BN):
+                        acc_s[i, j] = T.if_then_else(m_i[i] == NEG, 0.0, T.exp2(acc_s[i, j] * qk_scale - m_sc[i]))
+                else:
+                    for i in T.Parallel(BM):
+                        alpha[i] = T.if_then_else(m_i[i] == NEG, 1.0, T.exp2(m_prev[i] - m_i[i]))
+                    for i, j in T.Parallel(BM, BN):
+                        acc_s[i, j] = T.if_then_else(m_i[i] == NEG, 0.0, T.exp2(acc_s[i, j] - m_i[i]))
                 T.reduce_sum(acc_s, rsum, dim=1)
                 for i in T.Parallel(BM):
                     l_i[i] = l_i[i] * alpha[i] + rsum[i]
+                if p_regs:
+                    T.copy(acc_s, P_r)
                 if t > 0:   # "right" has finished with the previous P
                     T.barrier_wait(p_free[0], (t - 1) & 1)
-                T.copy(acc_s, P_s)
+                if p_regs:
+                    T.copy(P_r, P_s)
+                else:
+                    T.copy(acc_s, P_s)
                 T.copy(alpha, alpha_s)
                 T.fence_proxy_async()
                 T.barrier_arrive(p_ready[0])
                 for i, j in T.Parallel(BM, H2):
                     acc_l[i, j] *= alpha[i]
-                if t % 2 == 0:
-                    T.gemm(P_s, K0_l, acc_l)
-                    T.barrier_arrive(empty[0])
+                if overlap:
+                    # P.V of tile t and the score products of tile t + 1 in flight together
+                    if t % 2 == 0:
+                        T.wgmma_gemm(P_r, K0_l, acc_l)
+                    else:
+                        T.wgmma_gemm(P_r, K1_l, acc_l)
+                    if t + 1 < n_iter:
+                        T.barrier_wait(full[(t + 1) % 2], ((t + 1) // 2) & 1)
+                        if t % 2 == 0:
+                            qk_issue(Q_l, Q_r, Q_pe, K1_l, K1_r, K1_pe, acc_s)
+                        else:
+                            qk_issue(Q_l, Q_r, Q_pe, K0_l, K0_r, K0_pe, acc_s)
+                        T.wait_wgmma(3)
+                        T.barrier_arrive(empty[t % 2])
+                        T.wait_wgmma(0)
+                    else:
+                        T.wait_wgmma(0)
+                        T.barrier_arrive(empty[t % 2])
                 else:
-                    T.gemm(P_s, K1_l, acc_l)
-                    T.barrier_arrive(empty[1])
+                    if t % 2 == 0:
+                        T.gemm(P_r if p_regs else P_s, K0_l, acc_l)
+                        T.barrier_arrive(empty[0])
+                    else:
+                        T.gemm(P_r if p_regs else P_s, K1_l, acc_l)
+                        T.barrier_arrive(empty[1])
             T.copy(l_i, l_s)
             T.barrier_arrive(done[0])
-            store(OUT, LSE, acc_l, l_i, m_i, b, pid_m, pid_p, 0, True)
+            store(OUT, LSE, acc_l, l_i, m_i, b, pid_m, pid_p, 0, True, qk_scale)
         else:
             T.set_max_nreg(168, 1)
             T.fill(acc_r, 0)
@@ -338,7 +398,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                     T.barrier_arrive(p_free[0])
                     T.barrier_arrive(empty[1])
             T.barrier_wait(done[0], 0)
-            store(OUT, LSE, acc_r, l_s, m_i, b, pid_m, pid_p, H2, False)
+            store(OUT, LSE, acc_r, l_s, m_i, b, pid_m, pid_p, H2, False, qk_scale)
 
     if direct:
         @T.prim_func
@@ -371,12 +431,13 @@ def kernel_args(r: int, dr: int, dtype: torch.dtype, len_dtype: torch.dtype, pag
 
 @functools.lru_cache(maxsize=64)
 def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                   target: Optional[str] = None):
+                   target: Optional[str] = None, opts: str = ""):
     """Compiled kernel (TileLang JIT; its disk cache makes repeats cheap). ``target`` None =
     the current GPU; an arch such as "sm_90a" compiles offline (tests on machines without a GPU)."""
     import tilelang
 
-    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
+    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct,
+                                opts=opts)
     kw = {} if target is None else {"target": {"kind": "cuda", "arch": target}}
     return tilelang.compile(prog, **kw)
 
