@@ -7,12 +7,16 @@ consumers are. At 128 heads the kernel computes at ~57 % of the matmul rate, i.e
 "scores" warpgroup spends between the score product and the P.V product is on that path.
 
 Variants (``build_absorb_program(opts=...)``; "" is the package kernel of session 5):
-  ""   mask evaluated on every element (row // heads per element), scale multiplied in
+  ""   (run 1) mask evaluated on every element (row // heads per element), scale multiplied in
   "m"  per-row key limits computed once, no mask at all on tiles every row sees whole, the
        softmax scale folded into exp2 (one FMA per element)
   "mr" "m" + P kept in registers for the scores warpgroup's own P.V (wgmma with A in registers)
   "mo" "mr" + that P.V issued asynchronously, the next tile's score products issued behind it,
        one wait for both (the buffer is released as soon as the P.V is done)
+Run 1 (``run1/``): "m" 1.05-1.14x in every memory-bound cell, "mr"/"mo" no better than "m";
+"m" became the package kernel (and "" from then on), the "r"/"o" code was removed (commit
+history has it). Run 2 (``cmd.sh``): "" against "n" (exp2 without a per-element select for rows
+with no visible key yet); for split cells also the split kernel alone (no combine).
 
 Each variant is checked against float64 (ragged lengths, NaN-poisoned slots, h_q 32 / 128,
 s_q 1 / 2, 1 / planned / 7 splits), then timed at equal split counts in the same process
@@ -35,7 +39,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
 
-VARIANTS = ["", "m", "mr", "mo"]
+VARIANTS = sys.argv[1:] or [""]
 CELLS = [  # (heads, B, L, s_q)
     (32, 1, 32768, 1), (32, 8, 32768, 1), (32, 32, 8192, 1), (32, 32, 32768, 1), (32, 128, 8192, 1),
     (32, 128, 32768, 1), (32, 32, 32768, 2), (32, 128, 8192, 2), (128, 32, 32768, 1), (128, 128, 8192, 1)]
@@ -65,7 +69,7 @@ def main():
     with cf.ProcessPoolExecutor(max_workers=min(16, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
         for o, d, ld, dt in ex.map(_compile, jobs):
             print(f"compiled opts={o!r} direct={d} {ld}: {dt:.0f} s", flush=True)
-    print(f"all compiles {time.time() - t0:.0f} s", flush=True)
+    print(f"all compiles {time.time() - t0:.0f} s (cached ones ~0)", flush=True)
     orig = tld.compile_absorb
     dev = torch.device("cuda")
 
@@ -112,12 +116,24 @@ def main():
                 ref_out = o.clone()
             else:  # same inputs: the variants agree with the package kernel
                 row.setdefault("max_abs_vs_pkg", {})[v] = float((o.float() - ref_out.float()).abs().max())
+        if nsplit > 1:  # the split kernel alone (package variant), to see the combine's share
+            use(tld, VARIANTS[0], orig)
+            R, DR = shp.kv_lora_rank, shp.rope_dim
+            q2, qr2 = x["q"].reshape(B, S * H, R), x["q_rope"].reshape(B, S * H, DR)
+            opart = torch.empty(B, S * H, nsplit, R, dtype=torch.float32, device=dev)
+            lse = torch.empty(B, S * H, nsplit, dtype=torch.float32, device=dev)
+            kern = tld.compile_absorb(direct=False, **tld.kernel_args(R, DR, torch.bfloat16, torch.int32, 0))
+            bt = tld._dummy_table(dev, B)
+            qk = float(x["scale"]) * 1.4426950408889634
+            part = lambda: kern(q2, qr2, x["c"], x["k_rope"], x["lengths"], bt, opart, lse, qk, H, L)  # noqa: E731
+            row["split_kernel_only_us"] = bd.time_graph(part, dev, warmup=3, iters=30, flush=flush) * 1e6
         best = min(row["us"], key=row["us"].get)
         out["cells"].append(row)
         parts = " | ".join(f"{v or 'pkg'} {t:7.1f}us {nbytes / t / 1e6 / rates['copy_tbps']:4.0%} "
                            f"{fl / t / 1e6 / rates['gemm_tflops']:4.0%}mm" for v, t in row["us"].items())
         print(f"h{H} B={B} L={L} s_q={S} splits={nsplit}: {parts} | best {best or 'pkg'} "
-              f"{row['us'][''] / row['us'][best]:.3f}x", flush=True)
+              f"{row['us'][VARIANTS[0]] / row['us'][best]:.3f}x"
+              + (f"; split kernel alone {row['split_kernel_only_us']:.1f}us" if nsplit > 1 else ""), flush=True)
         del x
     with open(os.path.join(os.environ.get("OUT", "."), "variants.json"), "w") as f:
         json.dump(out, f, indent=1)
