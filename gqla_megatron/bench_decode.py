@@ -105,7 +105,7 @@ def _sync(dev):
 
 
 def time_fn(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
-            flush: Optional[torch.Tensor] = None) -> float:
+            flush: Optional[Callable] = None) -> float:
     """Median seconds of one ``fn()`` call (CUDA events on GPU, perf_counter on CPU)."""
     for _ in range(warmup):
         fn()
@@ -120,12 +120,37 @@ def time_fn(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
     return statistics.median(times)
 
 
-def _cuda_median(call: Callable, dev: torch.device, *, iters: int, flush: Optional[torch.Tensor]) -> float:
+class L2Flush:
+    """Runs before each timed call to take the cell's data out of L2 (50 MB on an H200).
+
+    ``write`` zeroes a 256 MiB buffer -- the usual way (triton.testing.do_bench) -- and leaves L2
+    full of dirty lines, which the timed kernel's first reads must write back to HBM: ~12 us of
+    HBM traffic charged to every kernel that reads more than L2 holds (benchmarks/
+    decode_kernels_h200, session 6). ``read`` reads the buffer instead: L2 is left holding other,
+    clean data, as after the weight-reading GEMMs that precede attention in a decode step."""
+
+    MODES = ("write", "read")
+
+    def __init__(self, dev: torch.device, mode: str = "write", mib: int = 256):
+        if mode not in self.MODES:
+            raise ValueError(f"l2_flush: {mode!r} is not one of {self.MODES}")
+        self.mode = mode
+        self.buf = torch.zeros(mib * 2 ** 20 // 4, dtype=torch.int32, device=dev)
+        self.sink = torch.empty((), dtype=torch.int32, device=dev)
+
+    def __call__(self) -> None:
+        if self.mode == "write":
+            self.buf.zero_()
+        else:
+            torch.amax(self.buf, dim=0, out=self.sink)
+
+
+def _cuda_median(call: Callable, dev: torch.device, *, iters: int, flush: Optional[Callable]) -> float:
     """Median seconds of ``call()`` bracketed by CUDA events, the L2 flush (if any) before each."""
     events = []
     for _ in range(iters):
         if flush is not None:
-            flush.zero_()
+            flush()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         call()
@@ -136,7 +161,7 @@ def _cuda_median(call: Callable, dev: torch.device, *, iters: int, flush: Option
 
 
 def time_graph(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
-               flush: Optional[torch.Tensor] = None) -> float:
+               flush: Optional[Callable] = None) -> float:
     """Median seconds of one replay of a CUDA graph holding one ``fn()`` call.
 
     As torch's CUDA-graph docs require: ``warmup`` (at least 2) eager calls on a side stream,
@@ -164,7 +189,7 @@ def time_graph(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
 
 
 def time_method(fn: Callable, dev: torch.device, *, warmup: int, iters: int,
-                flush: Optional[torch.Tensor], graphs: bool) -> tuple:
+                flush: Optional[Callable], graphs: bool) -> tuple:
     """(median seconds, timing mode, note): graph replay when ``graphs`` (CUDA only) and the
     capture works, else eager launches ("eager" and the capture error as the note)."""
     if graphs and dev.type == "cuda":
@@ -219,7 +244,7 @@ def measure_rates(dev: torch.device, *, copy_mib: int, gemm_n: int, iters: int =
             "gemm_dtype": str(mm_dtype).replace("torch.", "")}
 
 
-def measure_launch_floor(dev: torch.device, flush: Optional[torch.Tensor], *, iters: int) -> dict:
+def measure_launch_floor(dev: torch.device, flush: Optional[Callable], *, iters: int) -> dict:
     """Time of a CUDA-graph replay holding one (two) one-element kernels, timed exactly as the
     cells are (events around the replay, the L2 flush before it): the fixed cost in every cell's
     time, which no kernel can go under (a split kernel + its combine pay the two-kernel floor)."""
@@ -579,7 +604,7 @@ def markdown(result: dict) -> str:
              f"page size {result['page_size'] or 'contiguous'}; copy {r['copy_tbps']:.2f} TB/s "
              f"({r['copy_mib']} MiB D2D, read+write), matmul {r['gemm_tflops']:.0f} TFLOP/s "
              f"({r['gemm_dtype']} {r['gemm_n']}^3); median of {result['iters']} after {result['warmup']} "
-             f"warmup{', L2 flushed' if result['flush'] else ''}; "
+             f"warmup{(', L2 flushed (' + str(result.get('l2_flush')) + ')') if result['flush'] else ''}; "
              f"{'CUDA-graph replays' if result.get('cuda_graphs') else 'eager launches'}"
              + (f" (launch floor: a replay of one tiny kernel {r['floor1_us']:.1f} us, of two "
                 f"{r['floor2_us']:.1f} us)" if 'floor1_us' in r else "")
@@ -796,6 +821,10 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="time every method as a CUDA-graph replay (default on CUDA; --no-cuda-graphs: "
                         "eager launches, host launch cost included)")
     p.add_argument("--no-flush", dest="flush", action="store_false", help="do not flush L2 between timed calls")
+    p.add_argument("--l2-flush", choices=L2Flush.MODES, default="write",
+                   help="how L2 is flushed before each timed call: write (zero a 256 MiB buffer, "
+                        "the usual way; leaves dirty lines the kernel pays to write back) or read "
+                        "(read it; clean lines, as in a decode step) (default write)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy probe size (default 2048 on GPU, 64 on CPU)")
     p.add_argument("--gemm-n", type=int, default=None, help="matmul probe size (default 8192 on GPU, 512 on CPU)")
     p.add_argument("--flex-budget-s", type=float, default=45.0, help="seconds of flex_attention compiling (default 45)")
@@ -850,7 +879,7 @@ def _cmd_decode(args, parser) -> int:
                           gemm_n=args.gemm_n or (8192 if on_gpu else 512))
     print(f"device {torch.cuda.get_device_name(dev) if on_gpu else 'cpu'}: copy {rates['copy_tbps']:.3f} TB/s, "
           f"{rates['gemm_dtype']} matmul {rates['gemm_tflops']:.1f} TFLOP/s", flush=True)
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev) if (args.flush and on_gpu) else None
+    flush = L2Flush(dev, args.l2_flush) if (args.flush and on_gpu) else None
     if on_gpu and args.cuda_graphs:
         rates.update(measure_launch_floor(dev, flush, iters=max(10, args.iters)))
         print(f"launch floor (graph replay, events, flush as the cells): one tiny kernel "
@@ -890,7 +919,7 @@ def _write_results(args, dev, shp, rates, flush, rows, *, complete: bool) -> dic
               "triton": _triton_version(), "shapes_name": args.shapes, "shapes": dataclasses.asdict(shp),
               "dtype": args.dtype, "page_size": args.page_size, "warmup": args.warmup, "iters": args.iters,
               "cuda_graphs": bool(args.cuda_graphs), "complete": complete,
-              "flush": bool(flush is not None), "rates": rates, "argv": sys.argv[1:], "rows": rows,
+              "flush": bool(flush is not None), "l2_flush": flush.mode if flush is not None else None, "rates": rates, "argv": sys.argv[1:], "rows": rows,
               "summary": summarize(rows), "env": {k: v for k, v in os.environ.items() if k.startswith("GQLA_DECODE_")}}
     _write_atomic(os.path.join(args.out, "decode_bench.json"), json.dumps(result, indent=1))
     _write_atomic(os.path.join(args.out, "decode_bench.md"), markdown(result))

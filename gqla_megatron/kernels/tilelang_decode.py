@@ -46,7 +46,7 @@ from torch import Tensor
 BLOCK_M = 64
 # switches of build_absorb_program(opts=...) under measurement (benchmarks/decode_kernels_h200/
 # experiments/tilelang_softmax_variants); "" is the package kernel
-EXPERIMENT_OPTS = "n"    # n: exp2 without a per-element select for rows with no visible key yet
+EXPERIMENT_OPTS = ""     # none open now (run 1: m, r, o; run 2: n)
 BLOCK_N = 64
 THREADS = 384       # producer warpgroup + "scores" warpgroup + "right" warpgroup
 WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
@@ -159,8 +159,8 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         half of the output, O[:, :r/2] += P . c[:, :r/2]. Its per-tile scalar work is on the
         kernel's critical path, so it is kept small: each row's key limit is computed once, tiles
         that every row sees whole skip the mask, and the softmax scale is folded into exp2 (one
-        FMA per element) -- 1.05-1.14x the per-element mask in every memory-bound cell
-        (benchmarks/decode_kernels_h200/experiments/tilelang_softmax_variants, run 1);
+        FMA per element, no select) -- together 1.1-1.4x the session-5 kernel
+        (benchmarks/decode_kernels_h200/experiments/tilelang_softmax_variants, runs 1-2);
       right (threads 128-255): waits for P, rescales and adds P . c[:, r/2:] to its half.
     While "right" runs its P.V of tile t, "scores" runs the score products and softmax of tile
     t + 1 (it waits for "right" to free P only before overwriting it).
@@ -174,8 +174,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
     NEG = -T.infinity(acc)
     unknown = set(opts) - set(EXPERIMENT_OPTS)
     if unknown:
-        raise ValueError(f"opts: unknown switches {sorted(unknown)} (known: {EXPERIMENT_OPTS})")
-    exp_select_free = "n" in opts
+        raise ValueError(f"opts: unknown switches {sorted(unknown)} (known: {EXPERIMENT_OPTS!r})")
     paged = page > 0
     if paged and page % BN:
         raise ValueError(f"page size {page} must be a multiple of the {BN}-token tile")
@@ -324,20 +323,14 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                 # online softmax on raw scores s: m = running max of s, p = 2^(scale * s - scale * m)
                 T.copy(m_i, m_prev)
                 T.reduce_max(acc_s, m_i, dim=1, clear=False)
-                if exp_select_free:
-                    # a row with no visible key so far keeps m = -inf: subtract 0 instead, so its
-                    # (all -inf) scores give p = 0 without a select per element
-                    for i in T.Parallel(BM):
-                        alpha[i] = T.if_then_else(m_i[i] == NEG, 1.0, T.exp2((m_prev[i] - m_i[i]) * qk_scale))
-                        m_sc[i] = T.if_then_else(m_i[i] == NEG, 0.0, m_i[i] * qk_scale)
-                    for i, j in T.Parallel(BM, BN):
-                        acc_s[i, j] = T.exp2(acc_s[i, j] * qk_scale - m_sc[i])
-                else:
-                    for i in T.Parallel(BM):
-                        alpha[i] = T.if_then_else(m_i[i] == NEG, 1.0, T.exp2((m_prev[i] - m_i[i]) * qk_scale))
-                        m_sc[i] = m_i[i] * qk_scale
-                    for i, j in T.Parallel(BM, BN):
-                        acc_s[i, j] = T.if_then_else(m_i[i] == NEG, 0.0, T.exp2(acc_s[i, j] * qk_scale - m_sc[i]))
+                # a row with no visible key so far keeps m = -inf: it subtracts 0 instead, so its
+                # (all -inf) scores give p = 0 with no select per element (a select there was a
+                # branch per element pair: 1.04-1.24x without it, experiment run 2)
+                for i in T.Parallel(BM):
+                    alpha[i] = T.if_then_else(m_i[i] == NEG, 1.0, T.exp2((m_prev[i] - m_i[i]) * qk_scale))
+                    m_sc[i] = T.if_then_else(m_i[i] == NEG, 0.0, m_i[i] * qk_scale)
+                for i, j in T.Parallel(BM, BN):
+                    acc_s[i, j] = T.exp2(acc_s[i, j] * qk_scale - m_sc[i])
                 T.reduce_sum(acc_s, rsum, dim=1)
                 for i in T.Parallel(BM):
                     l_i[i] = l_i[i] * alpha[i] + rsum[i]
