@@ -12,6 +12,6 @@ for F in write read; do
   timeout 60 $B --path absorb --kernels triton,tilelang --peers bmm --out $W/absorb_$F > $W/absorb_$F.log 2>&1
   timeout 40 $B --path absorb --kernels triton,tilelang --shapes h128 --peers bmm --context 4k,32k --out $W/h128_$F > $W/h128_$F.log 2>&1
   timeout 90 $B --path gqa --peers sdpa_cudnn,sdpa_efficient,sdpa_flash --out $W/gqa_$F > $W/gqa_$F.log 2>&1
-  tail -1 $W/absorb_$F.log $W/h128_$F.log $W/gqa_$F.log | cut -c1-100
+  for f in absorb h128 gqa; do tail -n 1 $W/${f}_$F.log | cut -c1-100; done
 done
-cd $W && tar czf $OUT/run14.tgz absorb_* h128_* gqa_* --exclude="*.log" && rm -rf absorb_write absorb_read h128_write h128_read gqa_write gqa_read
+cd $W && tar czf $OUT/run14.tgz absorb_write absorb_read h128_write h128_read gqa_write gqa_read h128_write.log precompile.log tests.log && rm -rf absorb_write absorb_read h128_write h128_read gqa_write gqa_read
