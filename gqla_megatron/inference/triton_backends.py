@@ -1,9 +1,9 @@
 """Triton and TileLang decode backends (kernels in gqla_megatron.kernels).
 
   tilelang_absorb  MQA-absorb path on Hopper: the warp-specialised TileLang latent kernel
-                   (kernels/tilelang_decode.py) where it measured faster -- at least
-                   ``MIN_ROWS`` query rows (heads x s_q) and ``MIN_TOKENS`` cached tokens
-                   (B x max_len), contiguous or 64-token-aligned pages -- else the Triton
+                   (kernels/tilelang_decode.py) where it measured faster -- 32+ query rows
+                   (heads x s_q) from ``MIN_TOKENS`` cached tokens (B x max_len), 16-31 rows
+                   from ``MIN_TOKENS_FEW_ROWS``; contiguous or 64-token-aligned pages -- else the Triton
                    latent kernel; the choice is a fixed function of the shapes
                    (``tilelang_decode.prefers``), so a captured CUDA graph replays one kernel.
   triton_absorb    MQA-absorb path: W_UK folded into the query per group (a small torch GEMM),

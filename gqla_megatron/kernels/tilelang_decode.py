@@ -51,13 +51,15 @@ BLOCK_N = 64
 THREADS = 384       # producer warpgroup + "scores" warpgroup + "right" warpgroup
 WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
 MIN_CHUNK = 128
-# where the Triton kernel is as fast or faster (H200, benchmarks/decode_kernels_h200/run10_tilelang_tma_q
-# and engine_decode_h200/run4): below 32k cached tokens (B x max_len) -- at 8k and below TileLang
-# measured 0.71-0.95x Triton (B=1 L=1k-8k, B=8 L=1k), at 32k 0.97-1.20x -- and below 32 query rows
-# per sequence (heads x s_q): every program computes 64 rows, so 16 rows (the 1B engine model's
-# 16 heads at s_q=1) run 4x the tensor-core work and measured 0.90-0.98x Triton end to end
-MIN_ROWS = 32
+# where the Triton kernel is as fast or faster (H200; benchmarks/decode_kernels_h200/run14_l2_flush
+# and experiments/tilelang_16_rows, session 6): every TileLang program computes 64 query rows, so
+# with 32 or more rows per sequence (heads x s_q) TileLang wins from 32k cached tokens (B x
+# max_len; 1.02-1.48x, below: 0.70-0.87x at B=1 L<=8k); with 16-31 rows it wins only from 512k
+# tokens (16 rows: 1.12-1.18x there, 0.99-1.00x at 256k, 0.66-0.92x below); under 16 rows it is
+# not measured and not used
+MIN_ROWS = 16
 MIN_TOKENS = 32768
+FEW_ROWS, MIN_TOKENS_FEW_ROWS = 32, 524288
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -115,7 +117,8 @@ def prefers(batch: int, rows: int, max_len: int, page: int, len_dtype: torch.dty
     heads x s_q per sequence). A fixed answer per shape keeps CUDA-graph capture valid."""
     if rows < MIN_ROWS or _paging_problem(page, block_table) is not None:
         return False
-    return len_dtype in (torch.int32, torch.int64) and batch * max_len >= MIN_TOKENS
+    need = MIN_TOKENS_FEW_ROWS if rows < FEW_ROWS else MIN_TOKENS
+    return len_dtype in (torch.int32, torch.int64) and batch * max_len >= need
 
 
 def plan_splits(batch: int, rows: int, max_len: int, device) -> int:

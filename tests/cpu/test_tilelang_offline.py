@@ -28,7 +28,9 @@ def test_prefers_rule():
     assert tld.prefers(1, 64, big, 0)
     assert tld.prefers(8, 32, big // 8, 0)
     assert not tld.prefers(8, 32, big // 8 - 1, 0)            # too few cached tokens
-    assert not tld.prefers(128, 16, 8192, 0)                    # 16 rows: 4x padded work
+    assert not tld.prefers(128, 16, 2048, 0)                    # 16 rows (4x padded work): from 512k tokens
+    assert tld.prefers(128, 16, 4096, 0)
+    assert not tld.prefers(4096, 8, 4096, 0)                    # under 16 rows: never
     assert tld.prefers(128, 64, 8192, 128)                      # 128-token pages: whole tiles
     assert not tld.prefers(128, 64, 8192, 16)                   # 16-token pages: not TMA tiles
     table64 = torch.zeros(2, 3, dtype=torch.int64)
@@ -53,13 +55,17 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
     assert all(c == dict(r=512, dr=64, dtype="bfloat16", len_dtype="int64", page=0, direct=c["direct"])
                for c in calls)
     calls.clear()
-    # 16 heads x 1 token: below MIN_ROWS, the Triton kernel serves every call -> nothing to compile
+    # 16 heads x 1 token: TileLang only from 512k cached tokens; below, the Triton kernel serves
+    # every call -> nothing to compile
     small = GQLAConfig(hidden_size=2048, num_attention_heads=16, num_query_groups=4, kv_lora_rank=512,
                        qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
-    assert backend.warmup(small, CPU, torch.bfloat16, max_batch=128, capacity=32768, s_q=(1,),
+    assert backend.warmup(small, CPU, torch.bfloat16, max_batch=8, capacity=32768, s_q=(1,),
                           len_dtype=torch.int64) == [] and calls == []
+    assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=128, capacity=32768, s_q=(1,),
+                              len_dtype=torch.int64)) == 2
+    calls.clear()
     # ... but MTP speculation (s_q up to 2 -> 32 rows) does reach it
-    assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=128, capacity=32768, s_q=(1, 2),
+    assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=8, capacity=32768, s_q=(1, 2),
                               len_dtype=torch.int64)) == 2
     # too few cached tokens in any call (B x capacity < MIN_TOKENS)
     calls.clear()
