@@ -13,7 +13,10 @@ layouts and the split-KV scheme); this kernel differs in how one program runs on
   "right" warpgroup runs the other half of P.c. While "right" finishes tile t, "scores" is already
   on tile t + 1 (the schedule FlashMLA uses). It replaced (session 5) a version whose roles
   TileLang derived automatically: 1.03-1.08x that one from 128k cached tokens on, 1.01-1.12x at
-  128 heads, 0.94-0.96x at B = 1 x 32k (benchmarks/decode_kernels_h200/run11_tilelang_ws);
+  128 heads, 0.94-0.96x at B = 1 x 32k (benchmarks/decode_kernels_h200/run11_tilelang_ws). Session
+  6 cut the scores warpgroup's per-tile scalar work (mask, scale, select): 1.1-1.4x again, the
+  large memory-bound cells at 97-104 % of the copy rate and 128 heads at 71-75 % of the matmul
+  rate (run14_l2_flush);
 * the latent tile is loaded once and read twice (as K^T for the scores and as V for the output).
 
 Split partial outputs use the Triton module's layout and its combine kernel (``_run_combine``),

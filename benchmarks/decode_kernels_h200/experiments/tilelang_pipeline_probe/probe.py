@@ -17,8 +17,10 @@ Variants (buffers x tokens per buffer, query tile allocated or not):
 
 State: run 1 (session 5) hung after compiling -- both consumer warpgroups asked for 240 registers,
 over the SM's budget with the producer's 80, so ``setmaxnreg.inc`` never returned
-(``run1_hang.log``: the device call's limit cut it; no cell finished). Fixed (168), compiled
-offline, NOT rerun: the session's device time was spent.
+(``run1_hang.log``: the device call's limit cut it; no cell finished). Fixed (168).
+Run 2 (session 6, ``run2/probe.log``): every ring streams at 89-107 % of the copy rate (B=32 x 8k:
+89 % at 4 splits, the large cells 96-107 %), the ring shape makes no difference -- so the ring was
+not what held the kernel near 80 %; its consumers were (see ../tilelang_softmax_variants).
 
 Run (one H200, carry [".tlkit"]): see cmd.sh. Prints, per cell, each variant's time and its
 fraction of the measured copy rate (L2 flushed, CUDA-graph replays); the package kernel's figures
