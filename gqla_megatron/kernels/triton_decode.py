@@ -658,20 +658,26 @@ def _launch_with_fallback(key: tuple, cfg: DecodeKernelConfig, explicit: bool, l
             cfg = smaller
 
 
-def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
-    B, rows = lse.shape[0], lse.shape[1]
-    # small grids (B = 1: 32 rows) are latency-bound: narrower column blocks give more
-    # programs (aim: 2 per SM); up to 64 splits are read in one pass
-    block_dv = min(128, _pow2(DV))
-    target = 2 * num_sms(device)
-    while block_dv > 32 and B * rows * triton.cdiv(DV, block_dv) < target:
+def combine_block(B: int, rows: int, DV: int, nsplit: int, sms: int) -> Tuple[int, int]:
+    """(column block, splits per pass) of the combine pass: the widest column block that still
+    gives about 2 programs per SM (whole 512-wide rows at B >= 32: a quarter of the programs of
+    128-wide blocks, and 1.1-1.2x the whole absorb call at B=32 x 8k; narrower at small B, which
+    is latency-bound), and at most 8192 partial values per pass (64 fp32 registers per thread)."""
+    block_dv = _pow2(DV)
+    while block_dv > 32 and B * rows * triton.cdiv(DV, block_dv) < 2 * sms:
         block_dv //= 2
     split_pad = _pow2(nsplit)
+    return block_dv, max(1, min(64, split_pad, 8192 // block_dv))
+
+
+def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
+    B, rows = lse.shape[0], lse.shape[1]
+    block_dv, split_block = combine_block(B, rows, DV, nsplit, num_sms(device))
     grid = (rows, triton.cdiv(DV, block_dv), B)
     _combine[grid](opart, lse, out,
                    opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0), lse.stride(1),
                    out.stride(0), out.stride(1), out.stride(2), nsplit, H,
-                   DV=DV, SPLIT_PAD=split_pad, SPLIT_BLOCK=min(64, split_pad), BLOCK_DV=block_dv,
+                   DV=DV, SPLIT_PAD=_pow2(nsplit), SPLIT_BLOCK=split_block, BLOCK_DV=block_dv,
                    num_warps=4, num_stages=1)
 
 

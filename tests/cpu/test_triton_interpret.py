@@ -265,8 +265,25 @@ def test_default_configs_compile_for_sm90_without_spills(path, rows, dtype, page
         f"{cfg}: {shared} B shared, {regs} registers -> {per_sm} per SM"
 
 
-@pytest.mark.parametrize("block_dv", [128, 32])
-def test_combine_kernel_compiles_for_sm90(block_dv, no_interpret):
+def test_combine_block_rule():
+    """Widest column block with ~2 programs per SM, at most 8192 partials per pass (measured:
+    benchmarks/decode_kernels_h200/experiments/combine_cost)."""
+    sms = 132
+    assert td.combine_block(32, 32, 512, 4, sms) == (512, 4)      # 1024 programs of whole rows
+    assert td.combine_block(8, 32, 512, 16, sms) == (256, 16)     # 512 programs
+    assert td.combine_block(8, 64, 512, 16, sms) == (512, 16)
+    assert td.combine_block(1, 32, 512, 126, sms) == (32, 64)     # B = 1: latency-bound, narrow
+    assert td.combine_block(1, 64, 512, 126, sms) == (64, 64)
+    assert td.combine_block(1, 32, 128, 32, sms) == (32, 32)      # gqa
+    assert td.combine_block(8, 32, 512, 200, sms) == (256, 32)    # 8192 partials per pass
+    for B, rows, nsplit in ((1, 4, 244), (2, 16, 100), (128, 128, 2)):
+        bdv, sb = td.combine_block(B, rows, 512, nsplit, sms)
+        assert 32 <= bdv <= 512 and sb * bdv <= 8192 and 1 <= sb <= 64
+
+
+@pytest.mark.parametrize("block_dv,split_block", [(512, 16), (128, 64), (32, 64)])
+def test_combine_kernel_compiles_for_sm90(block_dv, split_block, no_interpret):
     shared, report = _compile_sm90(td._combine_kernel, dict(OPART="*fp32", LSE="*fp32", OUT="*bf16"),
-                                   ("nsplit", "H"), dict(DV=512, SPLIT_PAD=256, SPLIT_BLOCK=64, BLOCK_DV=block_dv), 4, 1)
+                                   ("nsplit", "H"), dict(DV=512, SPLIT_PAD=256, SPLIT_BLOCK=split_block,
+                                                         BLOCK_DV=block_dv), 4, 1)
     assert shared <= SM90_SMEM and "0 bytes spill stores" in report, report
