@@ -2,8 +2,7 @@
 cache so tests and benchmarks that follow find them compiled (~40 s each when compiled one by
 one on a fresh machine, ~1 min for all of them this way).
 
-    python3 scripts/tilelang_precompile.py                 # what the GPU tests and the bench use
-    python3 scripts/tilelang_precompile.py --opts "" n     # plus experiment switches (bf16 only)
+    python3 scripts/tilelang_precompile.py      # what the GPU tests, the bench and the engine use
 """
 
 import argparse
@@ -21,22 +20,19 @@ DEFAULT = [("bfloat16", "int32", 0), ("bfloat16", "int32", 64), ("bfloat16", "in
 
 
 def _one(job):
-    dtype, len_dtype, page, direct, opts = job
+    dtype, len_dtype, page, direct = job
     from gqla_megatron.kernels import tilelang_decode as tld
 
     t = time.time()
-    tld.compile_absorb(r=512, dr=64, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct, opts=opts)
+    tld.compile_absorb(r=512, dr=64, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
     return job, time.time() - t
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--opts", nargs="*", default=[], help="experiment switches to compile too (bf16, page 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 4)
     args = p.parse_args(argv)
-    jobs = [(d, ld, pg, direct, "") for d, ld, pg in DEFAULT for direct in (False, True)]
-    jobs += [("bfloat16", ld, 0, direct, o) for o in args.opts if o for ld in ("int32", "int64")
-             for direct in (False, True)]
+    jobs = [(d, ld, pg, direct) for d, ld, pg in DEFAULT for direct in (False, True)]
     t0 = time.time()
     with cf.ProcessPoolExecutor(max_workers=min(args.workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
         for job, dt in ex.map(_one, jobs):

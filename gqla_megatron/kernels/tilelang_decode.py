@@ -47,9 +47,6 @@ import torch
 from torch import Tensor
 
 BLOCK_M = 64
-# switches of build_absorb_program(opts=...) under measurement (benchmarks/decode_kernels_h200/
-# experiments/tilelang_softmax_variants); "" is the package kernel
-EXPERIMENT_OPTS = ""     # none open now (run 1: m, r, o; run 2: n)
 BLOCK_N = 64
 THREADS = 384       # producer warpgroup + "scores" warpgroup + "right" warpgroup
 WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
@@ -146,15 +143,13 @@ def _tl_dtype(dtype: torch.dtype) -> str:
             torch.int64: "int64"}[dtype]
 
 
-def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                         opts: str = ""):
+def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool):
     """The TileLang prim_func of the partial (or, ``direct``, the final) absorb kernel.
 
     Runtime sizes: batch B, ROWS = heads x s_q query rows per sequence (row m = s * heads + h;
     ``heads`` is a scalar argument), cache capacity / page count, block-table width, splits.
     ``page`` 0 = contiguous caches (B, T, .), else a page pool (num_pages, page, .) with a block
-    table (B, max_pages). ``opts``: switches under measurement (EXPERIMENT_OPTS); "" = the
-    package kernel.
+    table (B, max_pages).
 
     Roles (384 threads; explicit mbarriers, one phase per tile or per pair of tiles):
       producer (threads 256-383): TMA loads of the query tile once, then of each 64-token latent
@@ -178,9 +173,6 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
     H2 = r // 2
     acc = "float32"
     NEG = -T.infinity(acc)
-    unknown = set(opts) - set(EXPERIMENT_OPTS)
-    if unknown:
-        raise ValueError(f"opts: unknown switches {sorted(unknown)} (known: {EXPERIMENT_OPTS!r})")
     paged = page > 0
     if paged and page % BN:
         raise ValueError(f"page size {page} must be a multiple of the {BN}-token tile")
@@ -406,13 +398,12 @@ def kernel_args(r: int, dr: int, dtype: torch.dtype, len_dtype: torch.dtype, pag
 
 @functools.lru_cache(maxsize=64)
 def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                   target: Optional[str] = None, opts: str = ""):
+                   target: Optional[str] = None):
     """Compiled kernel (TileLang JIT; its disk cache makes repeats cheap). ``target`` None =
     the current GPU; an arch such as "sm_90a" compiles offline (tests on machines without a GPU)."""
     import tilelang
 
-    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct,
-                                opts=opts)
+    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
     kw = {} if target is None else {"target": {"kind": "cuda", "arch": target}}
     return tilelang.compile(prog, **kw)
 

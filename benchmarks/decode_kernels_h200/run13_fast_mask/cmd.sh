@@ -1,6 +1,7 @@
 # Device command of run 13 (one H200; carry [".tlkit"]): the TileLang absorb kernel with the cheaper
 # mask and folded softmax scale (session 6): kernels compiled in parallel first, GPU tests, the
 # variants experiment (run 2: "" vs "n", split kernel alone), then the grid and 128 heads
+# (ran at commit 4a2ba09~1 = f962b23, where precompile --opts and the "n" switch existed; both were removed later)
 set -o pipefail
 source scripts/tilelang_kit_setup.sh || exit 1
 W=$OUT/run13; mkdir -p $W

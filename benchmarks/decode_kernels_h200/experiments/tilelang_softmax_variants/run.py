@@ -22,7 +22,13 @@ Each variant is checked against float64 (ragged lengths, NaN-poisoned slots, h_q
 s_q 1 / 2, 1 / planned / 7 splits), then timed at equal split counts in the same process
 (CUDA-graph replays, L2 flushed), interleaved per cell.
 
-Run (one H200, carry [".tlkit"]): cmd.sh in this folder.
+The switches lived in ``build_absorb_program(opts=...)`` only while measured: run 1 ran at commit
+2c327b8 (m, r, o), run 2 at f962b23 (n); after run 2 the winners became the kernel and the switch
+was removed (commit after 2b6f482), so this script runs only at those commits:
+``git checkout 2c327b8 -- gqla_megatron/kernels/tilelang_decode.py`` (or f962b23) first.
+
+Run (one H200, carry [".tlkit"]): cmd.sh in this folder (run 1: ``run.py "" m mr mo``; run 2:
+``run.py "" n``, as in ../../run13_fast_mask/cmd.sh).
 """
 
 import concurrent.futures as cf
