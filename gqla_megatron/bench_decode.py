@@ -145,8 +145,11 @@ class L2Flush:
             torch.amax(self.buf, dim=0, out=self.sink)
 
 
-def _cuda_median(call: Callable, dev: torch.device, *, iters: int, flush: Optional[Callable]) -> float:
-    """Median seconds of ``call()`` bracketed by CUDA events, the L2 flush (if any) before each."""
+def _cuda_median(call: Callable, dev: torch.device, *, iters: int, flush=None) -> float:
+    """Median seconds of ``call()`` bracketed by CUDA events, the L2 flush (if any) before each:
+    an ``L2Flush`` (or any callable), or a tensor to zero (the older scripts' way)."""
+    if isinstance(flush, torch.Tensor):
+        flush = flush.zero_
     events = []
     for _ in range(iters):
         if flush is not None:

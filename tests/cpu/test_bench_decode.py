@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from gqla_megatron import bench_decode
 from gqla_megatron.cli import bench as cli_bench
@@ -65,7 +66,8 @@ def test_decode_bench_bytes_and_flops_formulas():
 
 
 @pytest.mark.parametrize("bad", [["--batch", "0"], ["--path", "mla"], ["--peers", "flashmla"],
-                                 ["--context", "1x"], ["--s-q", "64"], ["--cuda-graphs"]])
+                                 ["--context", "1x"], ["--s-q", "64"], ["--cuda-graphs"],
+                                 ["--l2-flush", "evict"]])
 def test_decode_bench_rejects_bad_flags(tmp_path, bad):
     with pytest.raises(SystemExit):
         _run(tmp_path, *bad)
@@ -90,3 +92,17 @@ def test_decode_sweep_candidates_are_valid_configs(path):
     for c in cands:
         for rows in ((32, 64) if path == "absorb" else (4, 8)):
             td.resolve_config(path, rows, torch.bfloat16, td.DecodeKernelConfig(**c))
+
+
+def test_l2_flush_modes():
+    bd = bench_decode
+    cpu = torch.device("cpu")
+    w, r = bd.L2Flush(cpu, "write", mib=1), bd.L2Flush(cpu, "read", mib=1)
+    w.buf.fill_(3)
+    w()
+    assert int(w.buf.abs().sum()) == 0          # write: the buffer is zeroed
+    r.buf[5] = 7
+    r()
+    assert int(r.sink) == 7 and int(r.buf[5]) == 7    # read: only read (its max lands in sink)
+    with pytest.raises(ValueError, match="l2_flush"):   # the CLI offers only the two modes
+        bd.L2Flush(cpu, "evict")
