@@ -18,6 +18,7 @@ backends.
 """
 
 import dataclasses
+import math
 import os
 
 import pytest
@@ -214,3 +215,28 @@ def test_engine_auto_picks_triton_and_matches_torch_tokens():
                 assert eng.backend.name == f"triton_{path}"
             toks[backend] = [r.tokens for r in eng.generate(prompts, SamplingParams(max_new_tokens=4))]
         assert toks["auto"] == toks[f"torch_{path}"]
+
+
+@pytest.mark.parametrize("block_dv,split_block,nsplit", [(64, 4, 10), (32, 8, 3), (64, 16, 16)])
+def test_combine_pass_multi_pass_and_wide_blocks(block_dv, split_block, nsplit):
+    """The combine kernel at the column blocks / splits per pass combine_block can choose (here
+    scaled to small widths: 64-wide rows in one block, several passes over the splits, a split
+    with no keys: LSE -inf and a zero partial, as the split kernels write it) against the
+    base-2 log-sum-exp merge in float64."""
+    g = torch.Generator().manual_seed(nsplit)
+    B, rows, H, DV = 2, 6, 3, 64
+    opart = torch.randn(B, rows, nsplit, DV, generator=g)
+    lse = torch.randn(B, rows, nsplit, generator=g) * 3
+    lse[0, 1, 0] = float("-inf")
+    opart[0, 1, 0] = 0.0
+    lse[1, 2, :] = float("-inf")         # a row with no keys at all: output 0
+    out = torch.full((B, rows // H, H, DV), float("nan"))
+    grid = (rows, triton.cdiv(DV, block_dv), B)
+    td._combine[grid](opart, lse, out, opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0),
+                      lse.stride(1), out.stride(0), out.stride(1), out.stride(2), nsplit, H, DV=DV,
+                      SPLIT_PAD=td._pow2(nsplit), SPLIT_BLOCK=split_block, BLOCK_DV=block_dv,
+                      num_warps=4, num_stages=1)
+    w = torch.softmax(lse.double() * math.log(2.0), dim=-1).nan_to_num(0.0)   # LSE is base 2
+    want = torch.einsum("bmp,bmpd->bmd", w, opart.double()).view(B, rows // H, H, DV)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), want, atol=1e-5), (out.double() - want).abs().max()
