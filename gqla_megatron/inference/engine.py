@@ -283,10 +283,11 @@ class GQLAEngine:
         self.prepared = [self.backend.prepare(w, c) for c, w in self.local]
         self.prepared_mtp = [self.backend.prepare(w, c) for c, w in self.local_mtp]
         # kernels the backend compiles lazily are compiled now, not at the first decode step
-        # that needs them (decode steps: 1 token, or 1 + k under speculation, MTP depths too)
+        # that needs them. Query tokens per decode call: 1; under speculation 1 + k (main model)
+        # and k + m (MTP depth m re-runs k + m positions), i.e. k + 1 .. 2k
+        s_q = tuple(range(self.k + 1, 2 * self.k + 1)) if self.speculative else (1,)
         self.warmed = self.backend.warmup(self.cfg, self.device, self.dtype, max_batch=self.max_batch,
-                                          capacity=self.capacity, s_q=tuple(range(1, self.k + 2)),
-                                          len_dtype=torch.long)
+                                          capacity=self.capacity, s_q=s_q, len_dtype=torch.long)
         if self._graphs is not None:
             self._graphs.reset()
 

@@ -22,11 +22,21 @@ page pools (num_blocks, block_size, ...) plus ``"block_table"`` (B, max_blocks) 
 optional ``"max_len"`` (int) bounds lengths + S for the split heuristic (default: capacity).
 The engine guarantees lengths + S <= capacity, so ``attend`` does not re-check it on the host
 (that would cost a device sync per layer); the kernels never read past the capacity anyway.
+
+Warm-up (``warmup``, called by the engine at load): Triton compiles a kernel variant at the
+first launch that needs it -- seconds each, 3.45 s measured in an H200 engine's first decode
+step -- and which variants a call needs depends on its batch, query count and split count. So
+the Triton backends run ``attend`` itself once per launch configuration of
+``triton_decode.warmup_plan`` (every batch up to max_batch, every s_q) on dummy inputs with the
+real layouts, and tilelang_absorb does so for the calls ``prefers`` leaves to Triton. What the
+warm-up is not told can still need a compile in a decode step: a cache dict's ``"max_len"``,
+other page sizes, other cache layouts (e.g. the strided views ``switch_path`` converts a live
+cache into).
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,6 +68,77 @@ class _TritonBackend:
             kv_lora_rank=cfg.kv_lora_rank, qk_head_dim=cfg.qk_head_dim,
             rope_dim=cfg.qk_pos_emb_head_dim, v_head_dim=cfg.v_head_dim)
         return problems
+
+    def warmup(self, cfg, device, dtype, *, max_batch, capacity, s_q, len_dtype, page=0):
+        """Compile the Triton kernel variants of every decode call up to these sizes at load."""
+        return self._warm_triton(cfg, device, dtype, max_batch=max_batch, capacity=capacity,
+                                 s_q=s_q, len_dtype=len_dtype, page=page)
+
+    def _warm_triton(self, cfg: GQLAConfig, device, dtype: torch.dtype, *, max_batch: int,
+                     capacity: int, s_q: Sequence[int], len_dtype: torch.dtype, page: int,
+                     runs: Optional[Callable[[int, int], bool]] = None) -> List[str]:
+        """Run ``attend`` -- this backend's own decode code, kernel choice included -- once per
+        call of ``triton_decode.warmup_plan`` (``runs``: which (batch, s_q) calls reach Triton),
+        on dummy inputs laid out as the engine's: one layer's cache of max_batch sequences x
+        ``capacity`` slots (``page`` > 0: a page pool and an int32 block table) sliced to each
+        batch, so strides are the real ones; all lengths 0 (the kernels read only the s_q new
+        slots); queries as ``ref.queries_from_latent`` makes them; constants from ``prepare``.
+        Zeros, not torch.empty: the memset is cheap and no garbage NaN / Inf flows through the
+        arithmetic. Memory: that one layer's cache plus the calls' own buffers, back to torch's
+        allocator when this returns. Returns what it compiled, per s_q."""
+        td = _kernels()
+        device = torch.device(device)
+        for field, v, low in (("max_batch", max_batch, 1), ("capacity", capacity, 1), ("page", page, 0)):
+            if v < low:
+                raise ValueError(f"{field} must be >= {low}, got {v}")
+        blocks = -(-capacity // page) if page else 0
+        cap = blocks * page if page else capacity
+        H, G = cfg.num_attention_heads, cfg.num_query_groups
+        N, R, V, C = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        calls = td.warmup_plan(self.path, max_batch=max_batch, s_q=s_q, heads=H, groups=G,
+                               width=C if self.path == "absorb" else V, max_len=cap, dtype=dtype,
+                               sms=td.num_sms(device), runs=runs)
+        if not calls:
+            return []
+        kw = dict(device=device, dtype=dtype)
+        prep = self.prepare(ref.GQLAWeights(None, None, None, torch.zeros(G * (N + V), C, **kw), None),
+                            cfg)   # prepare reads W_UKV only
+        lead = (max_batch * blocks, page) if page else (max_batch, capacity)
+        if self.path == "absorb":
+            cache = {"c": torch.zeros(*lead, C, **kw), "k_rope": torch.zeros(*lead, R, **kw)}
+        else:
+            cache = {"k_nope": torch.zeros(*lead, G, N, **kw), "v": torch.zeros(*lead, G, V, **kw),
+                     "k_rope": torch.zeros(*lead, R, **kw)}
+        if page:
+            cache["block_table"] = torch.arange(max_batch * blocks, dtype=torch.int32,
+                                                device=device).view(max_batch, blocks)
+        lengths = torch.zeros(max_batch, dtype=len_dtype, device=device)
+        with torch.no_grad():
+            for call in calls:
+                B, S = call.batch, call.s_q
+                sliced = {k: t[:B] if k == "block_table" or not page else t for k, t in cache.items()}
+                q_nope, q_rope = _dummy_queries(cfg, B, S, device, dtype)
+                self.attend(prep, q_nope, q_rope, sliced, lengths[:B], cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)   # a failing launch fails the load, not decode step 1
+        done = []
+        for S in sorted({c.s_q for c in calls}):
+            mine = [c for c in calls if c.s_q == S]
+            served = sum(1 for b in range(1, max_batch + 1) if runs is None or runs(b, S))
+            splits = ", ".join(str(n) for n in sorted({c.num_splits for c in mine}))
+            done.append(f"triton {self.path} kernels (s_q {S}, {dtype}, page {page}, lengths {len_dtype}): "
+                        f"{len(mine)} launch configurations for {served} batch sizes up to {max_batch}, "
+                        f"splits {splits}")
+        return done
+
+
+def _dummy_queries(cfg: GQLAConfig, B: int, S: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q_nope, q_rope) of B x S tokens laid out as ``ref.queries_from_latent`` makes them: q_nope
+    a view of one (B, S, H, d_n + d_r) projection, q_rope the RoPE rotation's own output."""
+    H, N, R = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_pos_emb_head_dim
+    q = torch.zeros(B, S, H * (N + R), device=device, dtype=dtype).view(B, S, H, N + R)
+    cos, sin = ref.rope_angles(torch.zeros(B, S, dtype=torch.long, device=device), R, cfg.rotary_base, dtype)
+    return q[..., :N], ref.rotate(q[..., N:], cos, sin)
 
 
 class _TritonAbsorb(_TritonBackend):
@@ -96,19 +177,23 @@ class _TileLangAbsorb(_TritonAbsorb):
 
     def warmup(self, cfg, device, dtype, *, max_batch, capacity, s_q, len_dtype, page=0):
         """Compile the TileLang kernels (split and direct: ~40 s each on a fresh H200 host, then
-        TileLang's disk cache) at load when some decode call up to these sizes will run them."""
+        TileLang's disk cache) at load when some decode call up to these sizes will run them,
+        and the Triton kernel variants of the calls ``prefers`` leaves to Triton."""
         from gqla_megatron.kernels import tilelang_decode as tld
 
-        rows = cfg.num_attention_heads * max(s_q)
-        if not tld.prefers(max_batch, rows, capacity, page, len_dtype):
-            return []
-        args = tld.kernel_args(cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim, dtype, len_dtype, page)
+        H = cfg.num_attention_heads
         done = []
-        for direct in (True, False):
-            tld.compile_absorb(direct=direct, **args)
-            done.append(f"tilelang absorb kernel ({'direct' if direct else 'split'}, page {page}, "
-                        f"{dtype}, lengths {len_dtype})")
-        return done
+        if tld.prefers(max_batch, H * max(s_q), capacity, page, len_dtype):
+            args = tld.kernel_args(cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim, dtype, len_dtype, page)
+            for direct in (True, False):
+                tld.compile_absorb(direct=direct, **args)
+                done.append(f"tilelang absorb kernel ({'direct' if direct else 'split'}, page {page}, "
+                            f"{dtype}, lengths {len_dtype})")
+        # the capacity _kernel sees: whole pages; its block table is int32, as the warm-up's
+        cap = -(-capacity // page) * page if page else capacity
+        return done + self._warm_triton(
+            cfg, device, dtype, max_batch=max_batch, capacity=capacity, s_q=s_q, len_dtype=len_dtype,
+            page=page, runs=lambda b, s: not tld.prefers(b, H * s, cap, page, len_dtype))
 
     def _kernel(self, cache, lengths, batch: int, rows: int):
         from gqla_megatron.kernels import tilelang_decode as tld

@@ -49,6 +49,11 @@ defaults in ``default_config``. If a default configuration runs out of shared me
 registers at compile time, the wrapper retries with fewer stages / smaller tiles (warning once)
 and remembers the working one; an explicitly set configuration fails instead.
 
+Warm-up: Triton compiles a kernel variant at the first launch that needs it (seconds each), so a
+server compiles them at load instead (``warmup_plan``: the decode calls that launch every
+variant a range of batch sizes and query counts will use; the decode backends run them on dummy
+inputs).
+
 CPU: the kernels run in Triton's interpreter (tests only; slow) when TRITON_INTERPRET=1 is set
 before triton is first imported in the process: Triton jits its own helpers (tl.cdiv, tl.max,
 ...) at import in the mode the variable selects then. Our kernels are jitted lazily, once per
@@ -64,7 +69,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -712,21 +717,86 @@ def plan_decode(path: str, *, batch: int, s_q: int, heads: int, groups: int, max
     if plan is None:
         if len(_PLANS) >= 4096:   # e.g. an engine passing a growing max_len: stay bounded
             _PLANS.clear()
-        plan = _PLANS[key] = _make_plan(path, batch, s_q, heads, groups, max_len, dtype, device, config)
+        plan = _PLANS[key] = _make_plan(path, batch, s_q, heads, groups, max_len, dtype,
+                                        num_sms(torch.device(device)), config)
     return plan
 
 
-def _make_plan(path, batch, s_q, heads, groups, max_len, dtype, device, config) -> DecodePlan:
+def _make_plan(path, batch, s_q, heads, groups, max_len, dtype, sms, config) -> DecodePlan:
+    """``plan_decode`` without the cache, for ``sms`` streaming multiprocessors (pure: the
+    warm-up planner calls it too, so both see the same configs and split counts)."""
     rows = heads * s_q if path == "absorb" else (heads // groups) * s_q
     cfg, explicit = resolve_config(path, rows, dtype, config)
     row_blocks = triton.cdiv(rows, cfg.block_m)
     units = batch * row_blocks * (1 if path == "absorb" else groups)
-    nsplit = cfg.num_splits or choose_num_splits(units, max_len, num_sms(torch.device(device)),
-                                                 waves=cfg.waves, min_chunk=cfg.min_chunk,
-                                                 block_n=cfg.block_n)
+    nsplit = cfg.num_splits or choose_num_splits(units, max_len, sms, waves=cfg.waves,
+                                                 min_chunk=cfg.min_chunk, block_n=cfg.block_n)
     cfg = dataclasses.replace(cfg, num_splits=nsplit)
     grid = (nsplit, row_blocks * (1 if path == "absorb" else groups), batch)
     return DecodePlan(path, cfg, nsplit, row_blocks, grid, explicit)
+
+
+# ------------------------------------------------------------------------------------------
+# warm-up planning
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WarmupCall:
+    """One decode call a load-time warm-up runs, standing for every call of its launch
+    configuration (see ``warmup_plan``)."""
+
+    batch: int
+    """Sequences in the call (the smallest batch of its configuration)."""
+    s_q: int
+    """Query tokens per sequence."""
+    num_splits: int
+    """KV splits; 1 = the partial kernel writes the output directly (no combine pass)."""
+    combine: Optional[Tuple[int, int, int]]
+    """The combine pass's (BLOCK_DV, SPLIT_PAD, SPLIT_BLOCK); None without a combine pass."""
+
+
+def warmup_plan(path: str, *, max_batch: int, s_q: Sequence[int], heads: int, groups: int,
+                width: int, max_len: int, dtype: torch.dtype, sms: int,
+                runs: Optional[Callable[[int, int], bool]] = None) -> List[WarmupCall]:
+    """The calls that compile, between them, every kernel variant that decode calls of 1 ..
+    ``max_batch`` sequences x each ``s_q`` will launch (eager steps take any batch; CUDA-graph
+    buckets are among them), so a load-time warm-up can run them on dummy inputs.
+
+    Triton compiles one variant per distinct set of constexprs and argument specialisations:
+    the constexprs are fixed per model (widths, dtype, layout) except the tile (from heads x
+    s_q), DIRECT (one split) and the combine pass's BLOCK_DV / SPLIT_PAD / SPLIT_BLOCK (from
+    batch, rows and the split count); integer arguments outside ``_RUNTIME`` are specialised on
+    == 1 and % 16 -- the partial buffers' strides depend on the split count, and torch may
+    stride the size-1 batch dim of a batch of one's queries differently -- and pointers on
+    16-byte alignment (fresh allocations in every call). So the key is (s_q, splits, combine
+    constexprs, batch == 1), taken over every batch rather than a sample, with the split count
+    from the decode call's own ``_make_plan`` (config, GQLA_DECODE_* overrides, heuristic) at
+    ``max_len`` and ``sms`` SMs: a variant left out costs a multi-second compile inside a
+    decode step, an extra call a few microseconds at load.
+    ``width``: the output width (kv_lora_rank for absorb, v_head_dim for gqa). ``runs(batch,
+    s_q)``: False for calls another kernel serves (tilelang_absorb). Pure (no GPU query)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    for name, v in (("max_batch", max_batch), ("heads", heads), ("groups", groups), ("width", width),
+                    ("sms", sms)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not s_q or min(s_q) < 1:
+        raise ValueError(f"s_q must be a non-empty list of query counts >= 1, got {tuple(s_q)}")
+    calls, seen = [], set()
+    for S in sorted(set(s_q)):
+        for B in range(1, max_batch + 1):
+            if runs is not None and not runs(B, S):
+                continue
+            n = _make_plan(path, B, S, heads, groups, max_len, dtype, sms, None).num_splits
+            combine = None
+            if n > 1:
+                block_dv, split_block = combine_block(B, heads * S, width, n, sms)
+                combine = (block_dv, _pow2(n), split_block)
+            key = (S, n, combine, B == 1)
+            if key not in seen:
+                seen.add(key)
+                calls.append(WarmupCall(B, S, n, combine))
+    return calls
 
 
 def _common_checks(q: Tensor, q_rope: Tensor, lengths: Tensor, names=("q", "q_rope")):

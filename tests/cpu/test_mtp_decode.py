@@ -178,6 +178,25 @@ def test_auto_path_uses_s_q_of_the_speculative_step():
     assert eng.decision.path == want.path and eng.decision.absorb.s_q == eng.decision.gqa.s_q == 3
 
 
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_warmup_gets_every_query_count_decode_uses(k, monkeypatch):
+    """The backend's load-time warm-up is told the query counts of every decode call: 1 plain;
+    1 + k for the main model and k + m for MTP depth m under speculation (k + 1 .. 2k)."""
+    from gqla_megatron.inference import backends as bk
+
+    warmed, used = [], set()
+    monkeypatch.setattr(bk.DecodeBackend, "warmup", lambda self, *a, **kw: warmed.append(kw["s_q"]) or [])
+    attend = bk.TorchAbsorb.attend
+    monkeypatch.setattr(bk.TorchAbsorb, "attend",
+                        lambda self, prep, q_nope, *a: used.add(q_nope.shape[1]) or attend(self, prep, q_nope, *a))
+    mw = spec_model(3)
+    eng = GQLAEngine(mw, CFG, decode_path="absorb", max_batch=2, max_seq_len=40, device_spec=H100,
+                     speculative=k > 0, num_speculative_tokens=k or None)
+    eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8))
+    assert warmed == [tuple(range(k + 1, 2 * k + 1)) if k else (1,)]
+    assert used == set(warmed[0])
+
+
 @pytest.mark.parametrize("path", ["absorb", "gqa"])
 def test_every_draft_equals_the_reference_mtp_forward(path, monkeypatch):
     """Each step's k drafts (read from the engine state before verification) against the reference

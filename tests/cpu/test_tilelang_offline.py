@@ -44,9 +44,11 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
     from gqla_megatron.config import GQLAConfig
     from gqla_megatron.inference.backends import REGISTRY
 
-    calls = []
+    calls, triton = [], []
     monkeypatch.setattr(tld, "compile_absorb", lambda **kw: calls.append(kw))
     backend = REGISTRY["tilelang_absorb"]()
+    # the Triton fallback's warm-up (tests/cpu/test_decode_warmup.py) gets the calls prefers leaves
+    monkeypatch.setattr(backend, "_warm_triton", lambda cfg, device, dtype, **kw: triton.append((cfg, kw)) or [])
     big = GQLAConfig(hidden_size=4096, num_attention_heads=32, num_query_groups=8, kv_lora_rank=512,
                      qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
     done = backend.warmup(big, CPU, torch.bfloat16, max_batch=8, capacity=8192, s_q=(1,),
@@ -54,6 +56,10 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
     assert len(done) == 2 and sorted(c["direct"] for c in calls) == [False, True]
     assert all(c == dict(r=512, dr=64, dtype="bfloat16", len_dtype="int64", page=0, direct=c["direct"])
                for c in calls)
+    (cfg, kw), = triton
+    assert kw["max_batch"] == 8 and kw["capacity"] == 8192 and kw["page"] == 0
+    # Triton below MIN_TOKENS cached tokens (B x 8192) at 32+ rows (32 heads x s_q)
+    assert [kw["runs"](b, s) for b, s in ((3, 1), (4, 1), (3, 2), (8, 2))] == [True, False, True, False]
     calls.clear()
     # 16 heads x 1 token: TileLang only from 512k cached tokens; below, the Triton kernel serves
     # every call -> nothing to compile

@@ -217,6 +217,22 @@ def test_engine_auto_picks_triton_and_matches_torch_tokens():
         assert toks["auto"] == toks[f"torch_{path}"]
 
 
+@pytest.mark.parametrize("page", [0, 16])
+@pytest.mark.parametrize("path", ["absorb", "gqa"])
+def test_backend_warmup_runs_every_planned_call(path, page):
+    """The load-time warm-up runs the kernels (split + combine and direct) through attend on its
+    dummy inputs, contiguous and paged, without an error."""
+    be = bk.REGISTRY[f"triton_{path}"]()
+    done = be.warmup(CFG, CPU, torch.float32, max_batch=20, capacity=300, s_q=(1, 2), len_dtype=torch.int64,
+                     page=page)
+    W = CFG.kv_lora_rank if path == "absorb" else CFG.v_head_dim
+    splits = {c.num_splits for c in td.warmup_plan(path, max_batch=20, s_q=(1, 2), heads=CFG.num_attention_heads,
+                                                   groups=CFG.num_query_groups, width=W, max_len=304 if page else 300,
+                                                   dtype=torch.float32, sms=td.num_sms(CPU))}
+    assert 1 in splits and len(splits) > 1, splits
+    assert len(done) == 2 and all(f"triton {path} kernels" in d for d in done), done
+
+
 @pytest.mark.parametrize("block_dv,split_block,nsplit", [(64, 4, 10), (32, 8, 3), (64, 16, 16)])
 def test_combine_pass_multi_pass_and_wide_blocks(block_dv, split_block, nsplit):
     """The combine kernel at the column blocks / splits per pass combine_block can choose (here
