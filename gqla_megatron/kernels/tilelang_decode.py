@@ -16,7 +16,9 @@ layouts and the split-KV scheme); this kernel differs in how one program runs on
   128 heads, 0.94-0.96x at B = 1 x 32k (benchmarks/decode_kernels_h200/run11_tilelang_ws). Session
   6 cut the scores warpgroup's per-tile scalar work (mask, scale, select): 1.1-1.4x again, the
   large memory-bound cells at 97-104 % of the copy rate and 128 heads at 71-75 % of the matmul
-  rate (run14_l2_flush);
+  rate (run14_l2_flush). Session 7 staged the output through shared memory (the stores had
+  cost ~7 us per program, experiments/timeline): 1.04-1.08x at 32 tiles per program
+  (experiments/epilogue_ab);
 * the latent tile is loaded once and read twice (as K^T for the scores and as V for the output).
 
 Split partial outputs use the Triton module's layout and its combine kernel (``_run_combine``),
@@ -221,21 +223,37 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                     K_r[i, j] = T.cast(0, dtype)
             T.fence_proxy_async()
 
+    # the staging tile gets a swizzled layout, which TileLang stores with one TMA box per
+    # 32-element row piece (512 boxes from one thread); 16-byte vector stores by all 128 threads
+    # of the warpgroup instead
+    NO_TMA = {"disable_tma": True}
+
     @T.macro
-    def store(OUT, LSE, o, l, m, b, pid_m, pid_p, col, with_lse, qk_scale):
-        # direct: OUT (B, ROWS, r) in the input dtype; split: OUT (B, ROWS, NSPLIT, r) fp32 + LSE
+    def store(OUT, LSE, o, lo, hi, inv, l, m, b, pid_m, pid_p, col, with_lse, qk_scale):
+        # o * (1 / l) into shared memory over the latent ring (free after the KV loop), then
+        # coalesced shared -> global copies of this warpgroup's 64 x r/2 half; rows past ROWS are
+        # not written. Storing straight from the wgmma accumulator layout took ~7 us per program
+        # (per thread 128 scattered 8-byte stores and 128 divisions; benchmarks/decode_kernels_h200/
+        # experiments/timeline). direct: OUT (B, ROWS, r) in the input dtype, staged in ``lo``
+        # (64 x r/2); split: OUT (B, ROWS, NSPLIT, r) fp32, rows 0-31 in ``lo``, 32-63 in ``hi``
+        # (32 x r/2 fp32 each), + LSE (B, ROWS, NSPLIT)
+        m0 = pid_m * BM
         if direct:
             for i, j in T.Parallel(BM, H2):
-                if pid_m * BM + i < rows:
-                    OUT[b, pid_m * BM + i, col + j] = T.cast(o[i, j] / T.if_then_else(l[i] > 0, l[i], 1.0), dtype)
+                lo[i, j] = T.cast(o[i, j] * inv[i], dtype)
+            T.copy(lo, OUT[b, m0:m0 + BM, col:col + H2], annotations=NO_TMA)
         else:
             for i, j in T.Parallel(BM, H2):
-                if pid_m * BM + i < rows:
-                    OUT[b, pid_m * BM + i, pid_p, col + j] = o[i, j] / T.if_then_else(l[i] > 0, l[i], 1.0)
+                if i < BM // 2:
+                    lo[i, j] = o[i, j] * inv[i]
+                else:
+                    hi[i - BM // 2, j] = o[i, j] * inv[i]
+            T.copy(lo, OUT[b, m0:m0 + BM // 2, pid_p, col:col + H2], annotations=NO_TMA)
+            T.copy(hi, OUT[b, m0 + BM // 2:m0 + BM, pid_p, col:col + H2], annotations=NO_TMA)
             if with_lse:
                 for i in T.Parallel(BM):
-                    if pid_m * BM + i < rows:
-                        LSE[b, pid_m * BM + i, pid_p] = T.if_then_else(
+                    if m0 + i < rows:
+                        LSE[b, m0 + i, pid_p] = T.if_then_else(
                             l[i] > 0, m[i] * qk_scale + T.log2(l[i]), NEG)
 
     @T.macro
@@ -251,7 +269,14 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         K1_pe = T.alloc_shared([BN, dr], dtype)
         P_s = T.alloc_shared([BM, BN], dtype)
         alpha_s = T.alloc_shared([BM], acc)
-        l_s = T.alloc_shared([BM], acc)
+        l_s = T.alloc_shared([BM], acc)       # 1 / l per row, for "right"'s half of the output
+        # output staging after the KV loop (``store``), over the latent ring: each warpgroup
+        # writes over the halves only it and the score products read
+        if direct:
+            st_l, st_l2, st_r, st_r2 = K0_l, K0_l, K0_r, K0_r
+        else:
+            st_l, st_l2 = T.view(K0_l, [BM // 2, H2], acc), T.view(K1_l, [BM // 2, H2], acc)
+            st_r, st_r2 = T.view(K0_r, [BM // 2, H2], acc), T.view(K1_r, [BM // 2, H2], acc)
 
         acc_s = T.alloc_fragment([BM, BN], acc)
         lim = T.alloc_fragment([BM], "int32")
@@ -263,6 +288,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         alpha = T.alloc_fragment([BM], acc)
         l_i = T.alloc_fragment([BM], acc)
         rsum = T.alloc_fragment([BM], acc)
+        inv_l = T.alloc_fragment([BM], acc)
 
         # tma_copy registers the expected bytes (one elected thread); a phase completes when the
         # bytes have landed and all 128 producer threads have arrived
@@ -346,9 +372,13 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                 else:
                     T.gemm(P_s, K1_l, acc_l)
                     T.barrier_arrive(empty[1])
-            T.copy(l_i, l_s)
+            for i in T.Parallel(BM):
+                inv_l[i] = T.if_then_else(l_i[i] > 0, 1.0 / l_i[i], 1.0)
+            T.copy(inv_l, l_s)
             T.barrier_arrive(done[0])
-            store(OUT, LSE, acc_l, l_i, m_i, b, pid_m, pid_p, 0, True, qk_scale)
+            # staging over K0_l / K1_l: every tile has landed and been read (no other reader);
+            # "right" stages over K0_r / K1_r, which the score products read, after ``done``
+            store(OUT, LSE, acc_l, st_l, st_l2, inv_l, l_i, m_i, b, pid_m, pid_p, 0, True, qk_scale)
         else:
             T.set_max_nreg(168, 1)
             T.fill(acc_r, 0)
@@ -365,7 +395,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                     T.barrier_arrive(p_free[0])
                     T.barrier_arrive(empty[1])
             T.barrier_wait(done[0], 0)
-            store(OUT, LSE, acc_r, l_s, m_i, b, pid_m, pid_p, H2, False, qk_scale)
+            store(OUT, LSE, acc_r, st_r, st_r2, l_s, l_s, m_i, b, pid_m, pid_p, H2, False, qk_scale)
 
     if direct:
         @T.prim_func
