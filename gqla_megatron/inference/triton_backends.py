@@ -76,9 +76,11 @@ class _TritonBackend:
 
     def _warm_triton(self, cfg: GQLAConfig, device, dtype: torch.dtype, *, max_batch: int,
                      capacity: int, s_q: Sequence[int], len_dtype: torch.dtype, page: int,
-                     runs: Optional[Callable[[int, int], bool]] = None) -> List[str]:
+                     runs: Optional[Callable[[int, int], bool]] = None, planner: Optional[Callable] = None,
+                     label: str = "triton") -> List[str]:
         """Run ``attend`` -- this backend's own decode code, kernel choice included -- once per
-        call of ``triton_decode.warmup_plan`` (``runs``: which (batch, s_q) calls reach Triton),
+        call of ``planner`` (default ``triton_decode.warmup_plan``; ``runs``: which (batch, s_q)
+        calls it covers; ``label`` names them in the returned lines),
         on dummy inputs laid out as the engine's: one layer's cache of max_batch sequences x
         ``capacity`` slots (``page`` > 0: a page pool and an int32 block table) sliced to each
         batch, so strides are the real ones; all lengths 0 (the kernels read only the s_q new
@@ -95,7 +97,7 @@ class _TritonBackend:
         cap = blocks * page if page else capacity
         H, G = cfg.num_attention_heads, cfg.num_query_groups
         N, R, V, C = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        calls = td.warmup_plan(self.path, max_batch=max_batch, s_q=s_q, heads=H, groups=G,
+        calls = (planner or td.warmup_plan)(self.path, max_batch=max_batch, s_q=s_q, heads=H, groups=G,
                                width=C if self.path == "absorb" else V, max_len=cap, dtype=dtype,
                                sms=td.num_sms(device), runs=runs)
         if not calls:
@@ -126,7 +128,7 @@ class _TritonBackend:
             mine = [c for c in calls if c.s_q == S]
             served = sum(1 for b in range(1, max_batch + 1) if runs is None or runs(b, S))
             splits = ", ".join(str(n) for n in sorted({c.num_splits for c in mine}))
-            done.append(f"triton {self.path} kernels (s_q {S}, {dtype}, page {page}, lengths {len_dtype}): "
+            done.append(f"{label} {self.path} kernels (s_q {S}, {dtype}, page {page}, lengths {len_dtype}): "
                         f"{len(mine)} launch configurations for {served} batch sizes up to {max_batch}, "
                         f"splits {splits}")
         return done
@@ -191,9 +193,14 @@ class _TileLangAbsorb(_TritonAbsorb):
                             f"{dtype}, lengths {len_dtype})")
         # the capacity _kernel sees: whole pages; its block table is int32, as the warm-up's
         cap = -(-capacity // page) * page if page else capacity
-        return done + self._warm_triton(
-            cfg, device, dtype, max_batch=max_batch, capacity=capacity, s_q=s_q, len_dtype=len_dtype,
-            page=page, runs=lambda b, s: not tld.prefers(b, H * s, cap, page, len_dtype))
+        common = dict(max_batch=max_batch, capacity=capacity, s_q=s_q, len_dtype=len_dtype, page=page)
+        # the calls TileLang serves merge their splits with the Triton combine kernel: its variants
+        # follow this kernel's split counts (a GPU test caught them compiling in a decode step)
+        done += self._warm_triton(cfg, device, dtype, **common, planner=tld.warmup_plan,
+                                  label="tilelang (+ triton combine)",
+                                  runs=lambda b, s: tld.prefers(b, H * s, cap, page, len_dtype))
+        return done + self._warm_triton(cfg, device, dtype, **common,
+                                        runs=lambda b, s: not tld.prefers(b, H * s, cap, page, len_dtype))
 
     def _kernel(self, cache, lengths, batch: int, rows: int):
         from gqla_megatron.kernels import tilelang_decode as tld

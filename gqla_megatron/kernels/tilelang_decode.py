@@ -127,9 +127,45 @@ def plan_splits(batch: int, rows: int, max_len: int, device) -> int:
     """KV splits per sequence for a call (the Triton module's heuristic at one program per SM)."""
     from . import triton_decode as td
 
+    return splits_for(batch, rows, max_len, td.num_sms(torch.device(device)))
+
+
+def splits_for(batch: int, rows: int, max_len: int, sms: int) -> int:
+    """``plan_splits`` for a GPU of ``sms`` SMs (pure: the warm-up planner uses it too)."""
+    from . import triton_decode as td
+
     units = batch * -(-rows // BLOCK_M)
-    return td.choose_num_splits(units, max_len, td.num_sms(torch.device(device)), waves=WAVES,
-                                min_chunk=MIN_CHUNK, block_n=BLOCK_N)
+    return td.choose_num_splits(units, max_len, sms, waves=WAVES, min_chunk=MIN_CHUNK, block_n=BLOCK_N)
+
+
+def warmup_plan(path: str, *, max_batch: int, s_q, heads: int, groups: int, width: int, max_len: int,
+                dtype: torch.dtype, sms: int, runs=None) -> list:
+    """The calls that launch, between them, every Triton combine variant the split calls of this
+    kernel for 1 .. ``max_batch`` sequences x each ``s_q`` will use (``runs(batch, s_q)``: the
+    calls this kernel serves, i.e. ``prefers``). The partial kernel itself is compiled per
+    ``kernel_args`` (``compile_absorb``), but its split outputs are merged by the Triton module's
+    combine kernel, whose constexprs and integer specialisations follow (batch, rows, splits):
+    keyed as ``triton_decode.warmup_plan`` keys them, with this kernel's split count. Same
+    signature as that function (``groups`` and ``dtype`` unused). Pure (no GPU query)."""
+    from . import triton_decode as td
+
+    if path != "absorb":
+        raise ValueError(f"path must be 'absorb' for the tilelang kernel, got {path!r}")
+    calls, seen = [], set()
+    for S in sorted(set(s_q)):
+        for B in range(1, max_batch + 1):
+            if runs is not None and not runs(B, S):
+                continue
+            n = splits_for(B, heads * S, max_len, sms)
+            combine = None
+            if n > 1:
+                block_dv, split_block = td.combine_block(B, heads * S, width, n, sms)
+                combine = (block_dv, td._pow2(n), split_block)
+            key = (S, n, combine, B == 1)
+            if key not in seen:
+                seen.add(key)
+                calls.append(td.WarmupCall(B, S, n, combine))
+    return calls
 
 
 def _tma_ok(t: Tensor) -> bool:

@@ -78,6 +78,36 @@ def test_plan_covers_every_eager_batch_and_bucket_once(path, H, G, W, max_batch,
         assert len(calls) <= max_batch * len(s_q) // 2, "duplicates not removed"
 
 
+@pytest.mark.parametrize("H,max_batch,cap,s_q,sms", [(32, 128, 8192, (1, 2), 132), (16, 64, 32768, (1, 2, 3), 132),
+                                                     (128, 16, 4096, (1,), 78)])
+def test_tilelang_plan_covers_its_combine_variants(H, max_batch, cap, s_q, sms):
+    """The TileLang kernel's split calls merge with the Triton combine kernel at the TileLang
+    split count: its warm-up plan gives every served (batch, s_q) a call with the same split
+    count and combine constexprs, once each (a GPU test found these compiling in a decode step
+    when only the Triton fallback's calls were warmed)."""
+    from gqla_megatron.kernels import tilelang_decode as tld
+
+    runs = lambda b, s: tld.prefers(b, H * s, cap, 0)  # noqa: E731
+    calls = tld.warmup_plan("absorb", max_batch=max_batch, s_q=s_q, heads=H, groups=1, width=512,
+                            max_len=cap, dtype=torch.bfloat16, sms=sms, runs=runs)
+    keys = [plan_key(c) for c in calls]
+    assert len(set(keys)) == len(keys)
+    first = {}
+    for S in s_q:
+        for B in range(1, max_batch + 1):
+            if not runs(B, S):
+                continue
+            n = tld.splits_for(B, H * S, cap, sms)
+            combine = None if n == 1 else (*td.combine_block(B, H * S, 512, n, sms)[:1], td._pow2(n),
+                                           td.combine_block(B, H * S, 512, n, sms)[1])
+            first.setdefault((S, n, combine, B == 1), B)
+    assert first, "no call served by TileLang at these sizes: the case tests nothing"
+    assert {k: c.batch for k, c in zip(keys, calls)} == first
+    with pytest.raises(ValueError, match="path"):
+        tld.warmup_plan("gqa", max_batch=1, s_q=(1,), heads=H, groups=1, width=512, max_len=cap,
+                        dtype=torch.bfloat16, sms=sms)
+
+
 def test_plan_matches_the_decode_calls_own_plan():
     """On the interpreter's stand-in SM count (8 on CPU) the warm-up's split counts are those
     plan_decode -- what absorb_decode / gqa_decode launch with -- computes for each call."""

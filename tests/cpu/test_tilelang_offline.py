@@ -56,10 +56,16 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
     assert len(done) == 2 and sorted(c["direct"] for c in calls) == [False, True]
     assert all(c == dict(r=512, dr=64, dtype="bfloat16", len_dtype="int64", page=0, direct=c["direct"])
                for c in calls)
-    (cfg, kw), = triton
-    assert kw["max_batch"] == 8 and kw["capacity"] == 8192 and kw["page"] == 0
+    # two Triton passes: the combine variants of the calls TileLang serves (planned with its own
+    # split counts), then the Triton kernel's calls below its sizes
+    (_, tl_kw), (_, kw) = triton
+    assert tl_kw["planner"] is tld.warmup_plan and "planner" not in kw
+    for k in (tl_kw, kw):
+        assert k["max_batch"] == 8 and k["capacity"] == 8192 and k["page"] == 0
     # Triton below MIN_TOKENS cached tokens (B x 8192) at 32+ rows (32 heads x s_q)
-    assert [kw["runs"](b, s) for b, s in ((3, 1), (4, 1), (3, 2), (8, 2))] == [True, False, True, False]
+    cases = ((3, 1), (4, 1), (3, 2), (8, 2))
+    assert [kw["runs"](b, s) for b, s in cases] == [True, False, True, False]
+    assert [tl_kw["runs"](b, s) for b, s in cases] == [False, True, False, True]
     calls.clear()
     # 16 heads x 1 token: TileLang only from 512k cached tokens; below, the Triton kernel serves
     # every call -> nothing to compile
