@@ -66,7 +66,7 @@ def _sub(src: str, old: str, new: str, count: int = 1) -> str:
 
 def patched_source() -> str:
     src = open(os.path.join(ROOT, "gqla_megatron", "kernels", "tilelang_decode.py")).read()
-    src = _sub(src, "from . import triton_decode as td", "from gqla_megatron.kernels import triton_decode as td", 2)
+    src = src.replace("from . import triton_decode as td", "from gqla_megatron.kernels import triton_decode as td")
     src = _sub(src, "\n    @T.macro\n    def load_tile(", STAMP_MACRO)
     src = _sub(src, "    MAXP = T.dynamic(\"MAXP\")      # paged: block-table width\n",
                "    MAXP = T.dynamic(\"MAXP\")      # paged: block-table width\n"
@@ -147,8 +147,11 @@ def main():
     print(f"copy {rates['copy_tbps']:.2f} TB/s", flush=True)
     shp = bd.Shapes(**bd.SHAPES["llama3-8b"])
     flush = bd.L2Flush(dev, "write")
-    for B, L, S, ns in ((128, 2048, 1, None), (128, 8192, 1, None), (32, 8192, 1, None), (8, 32768, 1, None),
-                        (32, 8192, 2, None), (32, 8192, 1, 1), (128, 512, 1, None)):
+    cells = ((128, 2048, 1, None), (128, 8192, 1, None), (32, 8192, 1, None), (8, 32768, 1, None),
+             (32, 8192, 2, None), (32, 8192, 1, 1), (128, 512, 1, None))
+    if len(sys.argv) > 1:   # B,L,S[,splits] ... (run 3: the B = 1 cells)
+        cells = [tuple(int(v) for v in a.split(",")) + (None,) * (4 - len(a.split(","))) for a in sys.argv[1:]]
+    for B, L, S, ns in cells:
         x = bd.make_inputs("absorb", shp, B, L, S, torch.bfloat16, dev, 0)
         rows = S * shp.heads
         nsplit = ns or tld.plan_splits(B, rows, L, dev)
