@@ -178,29 +178,33 @@ class _TileLangAbsorb(_TritonAbsorb):
         return problems + [f"triton fallback: {p}" for p in super().supported(cfg, device, dtype)]
 
     def warmup(self, cfg, device, dtype, *, max_batch, capacity, s_q, len_dtype, page=0):
-        """Compile the TileLang kernels (split and direct: ~40 s each on a fresh H200 host, then
-        TileLang's disk cache) at load when some decode call up to these sizes will run them,
-        and the Triton kernel variants of the calls ``prefers`` leaves to Triton."""
+        """Compile at load what decode calls up to these sizes will run: the TileLang kernels
+        (direct and / or split, whichever of them the calls TileLang serves use: ~40 s each on a
+        fresh H200 host, then TileLang's disk cache), the Triton combine variants of its split
+        calls, and the Triton kernel variants of the calls ``prefers`` leaves to Triton."""
         from gqla_megatron.kernels import tilelang_decode as tld
 
+        td = _kernels()
         H = cfg.num_attention_heads
-        done = []
-        if tld.prefers(max_batch, H * max(s_q), capacity, page, len_dtype):
-            args = tld.kernel_args(cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim, dtype, len_dtype, page)
-            for direct in (True, False):
-                tld.compile_absorb(direct=direct, **args)
-                done.append(f"tilelang absorb kernel ({'direct' if direct else 'split'}, page {page}, "
-                            f"{dtype}, lengths {len_dtype})")
         # the capacity _kernel sees: whole pages; its block table is int32, as the warm-up's
         cap = -(-capacity // page) * page if page else capacity
+        served = lambda b, s: tld.prefers(b, H * s, cap, page, len_dtype)  # noqa: E731
+        plan = tld.warmup_plan("absorb", max_batch=max_batch, s_q=s_q, heads=H, groups=1,
+                               width=cfg.kv_lora_rank, max_len=cap, dtype=dtype,
+                               sms=td.num_sms(torch.device(device)), runs=served)
+        args = tld.kernel_args(cfg.kv_lora_rank, cfg.qk_pos_emb_head_dim, dtype, len_dtype, page)
+        done = []
+        for direct in sorted({c.num_splits == 1 for c in plan}, reverse=True):
+            tld.compile_absorb(direct=direct, **args)
+            done.append(f"tilelang absorb kernel ({'direct' if direct else 'split'}, page {page}, "
+                        f"{dtype}, lengths {len_dtype})")
         common = dict(max_batch=max_batch, capacity=capacity, s_q=s_q, len_dtype=len_dtype, page=page)
         # the calls TileLang serves merge their splits with the Triton combine kernel: its variants
         # follow this kernel's split counts (a GPU test caught them compiling in a decode step)
         done += self._warm_triton(cfg, device, dtype, **common, planner=tld.warmup_plan,
-                                  label="tilelang (+ triton combine)",
-                                  runs=lambda b, s: tld.prefers(b, H * s, cap, page, len_dtype))
+                                  label="tilelang (+ triton combine)", runs=served)
         return done + self._warm_triton(cfg, device, dtype, **common,
-                                        runs=lambda b, s: not tld.prefers(b, H * s, cap, page, len_dtype))
+                                        runs=lambda b, s: not served(b, s))
 
     def _kernel(self, cache, lengths, batch: int, rows: int):
         from gqla_megatron.kernels import tilelang_decode as tld

@@ -38,14 +38,18 @@ def test_prefers_rule():
 
 
 def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
-    """tilelang_absorb.warmup compiles the two kernels (direct, split) with the dtypes and page
-    size attend() will pass -- the same lru-cached compile_absorb call, so the first decode step
-    that needs them finds them compiled -- and nothing when no call up to these sizes runs them."""
+    """tilelang_absorb.warmup compiles the kernels (direct, split) that the calls TileLang will
+    serve use, with the dtypes and page size attend() will pass -- the same lru-cached
+    compile_absorb call, so the first decode step that needs them finds them compiled -- and
+    nothing when no call up to these sizes runs them (each is ~40 s on a fresh host)."""
     from gqla_megatron.config import GQLAConfig
     from gqla_megatron.inference.backends import REGISTRY
 
+    from gqla_megatron.kernels import triton_decode as td
+
     calls, triton = [], []
     monkeypatch.setattr(tld, "compile_absorb", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(td, "num_sms", lambda device: 132)   # the split plan of an H200
     backend = REGISTRY["tilelang_absorb"]()
     # the Triton fallback's warm-up (tests/cpu/test_decode_warmup.py) gets the calls prefers leaves
     monkeypatch.setattr(backend, "_warm_triton", lambda cfg, device, dtype, **kw: triton.append((cfg, kw)) or [])
@@ -53,7 +57,8 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
                      qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
     done = backend.warmup(big, CPU, torch.bfloat16, max_batch=8, capacity=8192, s_q=(1,),
                           len_dtype=torch.int64)
-    assert len(done) == 2 and sorted(c["direct"] for c in calls) == [False, True]
+    # batches 4-8 reach TileLang (B x 8192 >= 32768) and all split their keys on 132 SMs
+    assert len(done) == 1 and [c["direct"] for c in calls] == [False]
     assert all(c == dict(r=512, dr=64, dtype="bfloat16", len_dtype="int64", page=0, direct=c["direct"])
                for c in calls)
     # two Triton passes: the combine variants of the calls TileLang serves (planned with its own
@@ -73,12 +78,15 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
                        qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
     assert backend.warmup(small, CPU, torch.bfloat16, max_batch=8, capacity=32768, s_q=(1,),
                           len_dtype=torch.int64) == [] and calls == []
+    # from 16 sequences on it does: splits while B is small, one program per sequence at B = 128
     assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=128, capacity=32768, s_q=(1,),
                               len_dtype=torch.int64)) == 2
+    assert sorted(c["direct"] for c in calls) == [False, True]
     calls.clear()
-    # ... but MTP speculation (s_q up to 2 -> 32 rows) does reach it
+    # ... and MTP speculation (s_q 2 -> 32 rows) reaches it at 8 sequences: split calls only
     assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=8, capacity=32768, s_q=(1, 2),
-                              len_dtype=torch.int64)) == 2
+                              len_dtype=torch.int64)) == 1
+    assert [c["direct"] for c in calls] == [False]
     # too few cached tokens in any call (B x capacity < MIN_TOKENS)
     calls.clear()
     assert backend.warmup(big, CPU, torch.bfloat16, max_batch=1, capacity=1024, s_q=(1,),
