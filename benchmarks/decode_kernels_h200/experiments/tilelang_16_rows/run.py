@@ -7,7 +7,12 @@ kernel is 1.1-1.4x faster since (cheaper mask, select-free softmax), so this tim
 at 16 and 32 rows (h_q 16 and 32, s_q 1), split counts from each kernel's own planner, CUDA-graph
 replays, L2 flushed (write), in one process.
 
-Run (one H200, carry [".tlkit"]): cmd.sh
+Run 1 (session 6, ``run1.log``) set ``prefers``: 32+ rows from 32k cached tokens, 16-31 rows from
+512k. Run 2 (session 7, ``run2.log``, ``run.py run2``): after the kernel's staged epilogue, which
+made short programs cheaper (the grid's B = 1 cells 1.2-1.6x faster), a finer grid of small
+batches to place the rule again.
+
+Run (one H200, carry [".tlkit"]): cmd.sh (run 1), cmd2.sh (run 2)
 """
 
 import os
@@ -26,10 +31,13 @@ def main():
     flush = bd.L2Flush(dev, "write")
     rates = bd.measure_rates(dev, copy_mib=1024, gemm_n=8192)
     print(f"copy {rates['copy_tbps']:.2f} TB/s", flush=True)
+    run2 = sys.argv[1:] == ["run2"]
+    batches = (1, 2, 4, 8, 16, 32, 64, 128) if run2 else (1, 8, 32, 128)
+    lengths = (1024, 4096, 8192, 32768) if run2 else (4096, 8192, 32768)
     for H in (16, 32):
         shp = bd.Shapes(**dict(bd.SHAPES["llama3-8b"], heads=H))
-        for B in (1, 8, 32, 128):
-            for L in (4096, 8192, 32768):
+        for B in batches:
+            for L in lengths:
                 x = bd.make_inputs("absorb", shp, B, L, 1, torch.bfloat16, dev, 0)
                 nbytes = bd.cache_bytes("absorb", shp, B, L, 2) + bd.qo_bytes("absorb", shp, B, 1, 2)
                 ts = {}
