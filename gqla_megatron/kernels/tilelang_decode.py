@@ -53,15 +53,16 @@ BLOCK_N = 64
 THREADS = 384       # producer warpgroup + "scores" warpgroup + "right" warpgroup
 WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
 MIN_CHUNK = 128
-# where the Triton kernel is as fast or faster (H200; benchmarks/decode_kernels_h200/run14_l2_flush
-# and experiments/tilelang_16_rows, session 6): every TileLang program computes 64 query rows, so
-# with 32 or more rows per sequence (heads x s_q) TileLang wins from 32k cached tokens (B x
-# max_len; 1.02-1.48x, below: 0.70-0.87x at B=1 L<=8k); with 16-31 rows it wins only from 512k
-# tokens (16 rows: 1.12-1.18x there, 0.99-1.00x at 256k, 0.66-0.92x below); under 16 rows it is
-# not measured and not used
+# where the Triton kernel is as fast or faster (H200; benchmarks/decode_kernels_h200/experiments/
+# tilelang_16_rows run 2, session 7, after the staged epilogue made short programs cheaper): every
+# TileLang program computes 64 query rows; with 32 or more rows per sequence (heads x s_q)
+# TileLang measured 1.03-1.51x Triton in every cell from 1k cached tokens (B x max_len) on except
+# one at 0.99x (B=16 x 1k); with 16-31 rows 1.07-1.20x from 256k tokens, 0.94-1.07x below
+# (1.01-1.18x at 128k); under 16 rows it is not measured and not used. (Session 6, before the
+# epilogue change: 32+ rows from 32k, 16-31 rows from 512k.)
 MIN_ROWS = 16
-MIN_TOKENS = 32768
-FEW_ROWS, MIN_TOKENS_FEW_ROWS = 32, 524288
+MIN_TOKENS = 1024
+FEW_ROWS, MIN_TOKENS_FEW_ROWS = 32, 262144
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 

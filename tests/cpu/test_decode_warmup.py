@@ -6,7 +6,7 @@ s_q, a call with the same launch configuration -- splits, combine constexprs, s_
 as the decode call computes for itself, and no two calls with one configuration. The backends'
 ``warmup`` must run ``attend`` on inputs laid out as the engine's (strides are what Triton
 specialises on). The kernels themselves run in tests/cpu/triton_interpret_cases.py (interpreter)
-and tests/gpu/test_decode_warmup.py (no compile left for a decode step on the GPU).
+and tests/gpu/test_decode_warmup_gpu.py (no compile left for a decode step on the GPU).
 """
 
 import os

@@ -28,8 +28,9 @@ def test_prefers_rule():
     assert tld.prefers(1, 64, big, 0)
     assert tld.prefers(8, 32, big // 8, 0)
     assert not tld.prefers(8, 32, big // 8 - 1, 0)            # too few cached tokens
-    assert not tld.prefers(128, 16, 2048, 0)                    # 16 rows (4x padded work): from 512k tokens
-    assert tld.prefers(128, 16, 4096, 0)
+    few = tld.MIN_TOKENS_FEW_ROWS // 128
+    assert not tld.prefers(128, 16, few - 1, 0)                 # 16 rows (4x padded work): from 256k tokens
+    assert tld.prefers(128, 16, few, 0)
     assert not tld.prefers(4096, 8, 4096, 0)                    # under 16 rows: never
     assert tld.prefers(128, 64, 8192, 128)                      # 128-token pages: whole tiles
     assert not tld.prefers(128, 64, 8192, 16)                   # 16-token pages: not TMA tiles
@@ -57,7 +58,7 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
                      qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
     done = backend.warmup(big, CPU, torch.bfloat16, max_batch=8, capacity=8192, s_q=(1,),
                           len_dtype=torch.int64)
-    # batches 4-8 reach TileLang (B x 8192 >= 32768) and all split their keys on 132 SMs
+    # every batch reaches TileLang (B x 8192 >= MIN_TOKENS) and splits its keys on 132 SMs
     assert len(done) == 1 and [c["direct"] for c in calls] == [False]
     assert all(c == dict(r=512, dr=64, dtype="bfloat16", len_dtype="int64", page=0, direct=c["direct"])
                for c in calls)
@@ -67,29 +68,29 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
     assert tl_kw["planner"] is tld.warmup_plan and "planner" not in kw
     for k in (tl_kw, kw):
         assert k["max_batch"] == 8 and k["capacity"] == 8192 and k["page"] == 0
-    # Triton below MIN_TOKENS cached tokens (B x 8192) at 32+ rows (32 heads x s_q)
-    cases = ((3, 1), (4, 1), (3, 2), (8, 2))
-    assert [kw["runs"](b, s) for b, s in cases] == [True, False, True, False]
-    assert [tl_kw["runs"](b, s) for b, s in cases] == [False, True, False, True]
+    # at 32+ rows (32 heads x s_q) TileLang from MIN_TOKENS cached tokens (B x 8192): every call
+    cases = ((1, 1), (4, 1), (3, 2), (8, 2))
+    assert [kw["runs"](b, s) for b, s in cases] == [False] * 4
+    assert [tl_kw["runs"](b, s) for b, s in cases] == [True] * 4
     calls.clear()
-    # 16 heads x 1 token: TileLang only from 512k cached tokens; below, the Triton kernel serves
+    # 16 heads x 1 token: TileLang only from 256k cached tokens; below, the Triton kernel serves
     # every call -> nothing to compile
     small = GQLAConfig(hidden_size=2048, num_attention_heads=16, num_query_groups=4, kv_lora_rank=512,
                        qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
-    assert backend.warmup(small, CPU, torch.bfloat16, max_batch=8, capacity=32768, s_q=(1,),
+    assert backend.warmup(small, CPU, torch.bfloat16, max_batch=7, capacity=32768, s_q=(1,),
                           len_dtype=torch.int64) == [] and calls == []
     # from 16 sequences on it does: splits while B is small, one program per sequence at B = 128
     assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=128, capacity=32768, s_q=(1,),
                               len_dtype=torch.int64)) == 2
     assert sorted(c["direct"] for c in calls) == [False, True]
     calls.clear()
-    # ... and MTP speculation (s_q 2 -> 32 rows) reaches it at 8 sequences: split calls only
-    assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=8, capacity=32768, s_q=(1, 2),
+    # ... and MTP speculation (s_q 2 -> 32 rows) reaches it with 7 sequences: split calls only
+    assert len(backend.warmup(small, CPU, torch.bfloat16, max_batch=7, capacity=32768, s_q=(1, 2),
                               len_dtype=torch.int64)) == 1
     assert [c["direct"] for c in calls] == [False]
     # too few cached tokens in any call (B x capacity < MIN_TOKENS)
     calls.clear()
-    assert backend.warmup(big, CPU, torch.bfloat16, max_batch=1, capacity=1024, s_q=(1,),
+    assert backend.warmup(big, CPU, torch.bfloat16, max_batch=1, capacity=512, s_q=(1,),
                           len_dtype=torch.int64) == [] and calls == []
 
 

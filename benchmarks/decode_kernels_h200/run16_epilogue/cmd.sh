@@ -1,3 +1,4 @@
+# (as run; tests/gpu/test_decode_warmup.py is now tests/gpu/test_decode_warmup_gpu.py: the CPU tier has a file of that name, and pytest collects both tiers in one process)
 # Device command of run 16 (one H200; carry [".tlkit"]): the TileLang absorb kernel with its output
 # staged in shared memory (session 7; experiments/timeline, experiments/epilogue_ab): GPU tests of
 # both kernel families and of the load-time warm-up, then the absorb and 128-head grids (write

@@ -1,3 +1,4 @@
+# (as run; tests/gpu/test_decode_warmup.py is now tests/gpu/test_decode_warmup_gpu.py: the CPU tier has a file of that name, and pytest collects both tiers in one process)
 # Device command of run 17 (one H200; carry [".tlkit"]): the load-time warm-up's GPU test after the
 # tilelang_absorb fix (its Triton combine variants), then the timeline of the B = 1 absorb cells
 # (experiments/timeline, run 3)

@@ -1,3 +1,4 @@
+# (as run; tests/gpu/test_decode_warmup.py is now tests/gpu/test_decode_warmup_gpu.py: the CPU tier has a file of that name, and pytest collects both tiers in one process)
 # Device command (one H200; carry [".tlkit"]): end to end after session 7's kernel and load changes
 # (the TileLang kernel's staged epilogue; Triton and TileLang-combine variants compiled at load,
 # only the TileLang kernels the calls use). First the GPU tests of the TileLang kernels and of the

@@ -8,7 +8,7 @@ Measured by the number of compiled variants in the decode kernels' Triton caches
 variant: ``JITFunction.device_caches[device][0]``, Triton 3.6), emptied before the engine loads
 so variants compiled by earlier tests cannot hide one the warm-up missed.
 
-    python3 -m pytest -q -m gpu tests/gpu/test_decode_warmup.py
+    python3 -m pytest -q -m gpu tests/gpu/test_decode_warmup_gpu.py
 """
 
 import pytest
@@ -23,8 +23,10 @@ from gqla_megatron.testing import random_model_weights
 
 pytestmark = pytest.mark.gpu
 
-# the TileLang kernel's widths (r 512, d_r 64); 16 heads: at s_q 3-4 (48-64 rows) TileLang serves
-# B x 4102 cached tokens >= 32768, i.e. batch 8, and Triton every smaller batch
+# the TileLang kernel's widths (r 512, d_r 64); 16 heads. For tilelang_absorb the test sets
+# tilelang_decode.MIN_TOKENS to 32768 (the session-6 rule) so one engine mixes both kernels: at
+# s_q 3-4 (48-64 rows) TileLang serves B x 4102 cached tokens >= 32768, i.e. batch 8, and the
+# Triton fallback every smaller batch (with the shipped rule TileLang would serve them all)
 CFG = GQLAConfig(hidden_size=256, num_attention_heads=16, num_query_groups=4, kv_lora_rank=512,
                  qk_head_dim=64, qk_pos_emb_head_dim=64, v_head_dim=64, q_lora_rank=96)
 MAX_BATCH, MAX_SEQ_LEN = 8, 4096
@@ -59,7 +61,10 @@ def compiled() -> int:
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 @pytest.mark.parametrize("k", [0, 2])
 @pytest.mark.parametrize("backend", ["triton_absorb", "triton_gqa", "tilelang_absorb"])
-def test_no_triton_compile_after_load(backend, k, cuda_graphs):
+def test_no_triton_compile_after_load(backend, k, cuda_graphs, monkeypatch):
+    from gqla_megatron.kernels import tilelang_decode as tld
+
+    monkeypatch.setattr(tld, "MIN_TOKENS", 32768)   # see CFG: both kernels in one engine
     cls = REGISTRY[backend]
     problems = cls.supported(CFG, torch.device("cuda"), torch.bfloat16)
     if problems:
