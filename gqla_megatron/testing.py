@@ -190,3 +190,17 @@ def random_model_weights(cfg, *, vocab: int = 100, layers: int = 2, seed: int = 
                                  0.05 * torch.randn(D, 2 * D, generator=g))
     return refm.ModelWeights(torch.randn(vocab, D, generator=g), [layer() for _ in range(layers)],
                              torch.ones(D), 0.1 * torch.randn(vocab, D, generator=g))
+
+
+def with_random_mtp(mw, cfg, *, depths: int = 2, seed: int = 1):
+    """``mw`` with ``depths`` random MTP depths (unit norms, a projection of scale 1/sqrt(2D), the
+    transformer layers of a second random model): enough for speculative-decoding plumbing
+    tests, whose acceptance with random weights is near chance."""
+    from gqla_megatron import reference_model as refm
+
+    donor = random_model_weights(cfg, vocab=mw.embedding.shape[0], layers=depths, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    D = cfg.hidden_size
+    mw.mtp = [refm.MTPWeights(torch.ones(D), torch.ones(D), torch.randn(D, 2 * D, generator=g) / (2 * D) ** 0.5,
+                              lw, torch.ones(D)) for lw in donor.layers]
+    return mw

@@ -146,27 +146,15 @@ def warmup_plan(path: str, *, max_batch: int, s_q, heads: int, groups: int, widt
     calls this kernel serves, i.e. ``prefers``). The partial kernel itself is compiled per
     ``kernel_args`` (``compile_absorb``), but its split outputs are merged by the Triton module's
     combine kernel, whose constexprs and integer specialisations follow (batch, rows, splits):
-    keyed as ``triton_decode.warmup_plan`` keys them, with this kernel's split count. Same
-    signature as that function (``groups`` and ``dtype`` unused). Pure (no GPU query)."""
+    ``triton_decode.warmup_plan`` with this kernel's split count. Same signature as that
+    function. Pure (no GPU query)."""
     from . import triton_decode as td
 
     if path != "absorb":
         raise ValueError(f"path must be 'absorb' for the tilelang kernel, got {path!r}")
-    calls, seen = [], set()
-    for S in sorted(set(s_q)):
-        for B in range(1, max_batch + 1):
-            if runs is not None and not runs(B, S):
-                continue
-            n = splits_for(B, heads * S, max_len, sms)
-            combine = None
-            if n > 1:
-                block_dv, split_block = td.combine_block(B, heads * S, width, n, sms)
-                combine = (block_dv, td._pow2(n), split_block)
-            key = (S, n, combine, B == 1)
-            if key not in seen:
-                seen.add(key)
-                calls.append(td.WarmupCall(B, S, n, combine))
-    return calls
+    return td.warmup_plan(path, max_batch=max_batch, s_q=s_q, heads=heads, groups=groups, width=width,
+                          max_len=max_len, dtype=dtype, sms=sms, runs=runs,
+                          splits=lambda B, S: splits_for(B, heads * S, max_len, sms))
 
 
 def _tma_ok(t: Tensor) -> bool:

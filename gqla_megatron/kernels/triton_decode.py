@@ -756,7 +756,8 @@ class WarmupCall:
 
 def warmup_plan(path: str, *, max_batch: int, s_q: Sequence[int], heads: int, groups: int,
                 width: int, max_len: int, dtype: torch.dtype, sms: int,
-                runs: Optional[Callable[[int, int], bool]] = None) -> List[WarmupCall]:
+                runs: Optional[Callable[[int, int], bool]] = None,
+                splits: Optional[Callable[[int, int], int]] = None) -> List[WarmupCall]:
     """The calls that compile, between them, every kernel variant that decode calls of 1 ..
     ``max_batch`` sequences x each ``s_q`` will launch (eager steps take any batch; CUDA-graph
     buckets are among them), so a load-time warm-up can run them on dummy inputs.
@@ -773,7 +774,9 @@ def warmup_plan(path: str, *, max_batch: int, s_q: Sequence[int], heads: int, gr
     ``max_len`` and ``sms`` SMs: a variant left out costs a multi-second compile inside a
     decode step, an extra call a few microseconds at load.
     ``width``: the output width (kv_lora_rank for absorb, v_head_dim for gqa). ``runs(batch,
-    s_q)``: False for calls another kernel serves (tilelang_absorb). Pure (no GPU query)."""
+    s_q)``: False for calls another kernel serves (tilelang_absorb). ``splits(batch, s_q)``: the
+    split count of a call when another kernel makes the split calls that this module's combine
+    pass merges (default: this module's plan). Pure (no GPU query)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     for name, v in (("max_batch", max_batch), ("heads", heads), ("groups", groups), ("width", width),
@@ -787,7 +790,8 @@ def warmup_plan(path: str, *, max_batch: int, s_q: Sequence[int], heads: int, gr
         for B in range(1, max_batch + 1):
             if runs is not None and not runs(B, S):
                 continue
-            n = _make_plan(path, B, S, heads, groups, max_len, dtype, sms, None).num_splits
+            n = (splits(B, S) if splits is not None
+                 else _make_plan(path, B, S, heads, groups, max_len, dtype, sms, None).num_splits)
             combine = None
             if n > 1:
                 block_dv, split_block = combine_block(B, heads * S, width, n, sms)

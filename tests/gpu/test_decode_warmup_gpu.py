@@ -14,12 +14,11 @@ so variants compiled by earlier tests cannot hide one the warm-up missed.
 import pytest
 import torch
 
-from gqla_megatron import reference_model as refm
 from gqla_megatron.config import GQLAConfig
 from gqla_megatron.inference.backends import REGISTRY
 from gqla_megatron.inference.engine import GQLAEngine, SamplingParams
 from gqla_megatron.roofline import get_device
-from gqla_megatron.testing import random_model_weights
+from gqla_megatron.testing import random_model_weights, with_random_mtp
 
 pytestmark = pytest.mark.gpu
 
@@ -34,13 +33,7 @@ H200 = get_device("H200")
 
 
 def model():
-    mw = random_model_weights(CFG, vocab=200, layers=2, seed=0)
-    donor = random_model_weights(CFG, vocab=200, layers=2, seed=1)
-    g = torch.Generator().manual_seed(2)
-    D = CFG.hidden_size
-    mw.mtp = [refm.MTPWeights(torch.ones(D), torch.ones(D), torch.randn(D, 2 * D, generator=g) / (2 * D) ** 0.5,
-                              lw, torch.ones(D)) for lw in donor.layers]
-    return mw
+    return with_random_mtp(random_model_weights(CFG, vocab=200, layers=2, seed=0), CFG, depths=2, seed=1)
 
 
 def _caches():
