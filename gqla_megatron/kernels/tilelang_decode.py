@@ -249,32 +249,29 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
             T.fence_proxy_async()
 
     # the staging tile gets a swizzled layout, which TileLang stores with one TMA box per
-    # 32-element row piece (512 boxes from one thread); 16-byte vector stores by all 128 threads
-    # of the warpgroup instead
+    # 32-element row piece (hundreds of boxes from one thread); 16-byte vector stores by all 128
+    # threads of the warpgroup instead
     NO_TMA = {"disable_tma": True}
 
     @T.macro
-    def store(OUT, LSE, o, lo, hi, inv, l, m, b, pid_m, pid_p, col, with_lse, qk_scale):
-        # o * (1 / l) into shared memory over the latent ring (free after the KV loop), then
-        # coalesced shared -> global copies of this warpgroup's 64 x r/2 half; rows past ROWS are
-        # not written. Storing straight from the wgmma accumulator layout took ~7 us per program
-        # (per thread 128 scattered 8-byte stores and 128 divisions; benchmarks/decode_kernels_h200/
-        # experiments/timeline). direct: OUT (B, ROWS, r) in the input dtype, staged in ``lo``
-        # (64 x r/2); split: OUT (B, ROWS, NSPLIT, r) fp32, rows 0-31 in ``lo``, 32-63 in ``hi``
-        # (32 x r/2 fp32 each), + LSE (B, ROWS, NSPLIT)
+    def store(OUT, LSE, o, stage, inv, l, m, b, pid_m, pid_p, col, with_lse, qk_scale):
+        # this warpgroup's 64 x r/2 half of o * (1 / l); rows past ROWS are not written. direct:
+        # OUT (B, ROWS, r) in the input dtype, staged in shared memory over the latent ring
+        # (``stage``, free after the KV loop) and written as 16-byte vectors; split: OUT (B, ROWS,
+        # NSPLIT, r) fp32 stored straight from the accumulator layout, + LSE (B, ROWS, NSPLIT).
+        # Session 6 divided by l per element while storing from the accumulator: ~7 us per
+        # program (benchmarks/decode_kernels_h200/experiments/timeline); the reciprocal took most
+        # of that away, and for fp32 partials the direct stores then beat staging them in two
+        # halves by 1.01-1.09x (experiments/epilogue_split_ab)
         m0 = pid_m * BM
         if direct:
             for i, j in T.Parallel(BM, H2):
-                lo[i, j] = T.cast(o[i, j] * inv[i], dtype)
-            T.copy(lo, OUT[b, m0:m0 + BM, col:col + H2], annotations=NO_TMA)
+                stage[i, j] = T.cast(o[i, j] * inv[i], dtype)
+            T.copy(stage, OUT[b, m0:m0 + BM, col:col + H2], annotations=NO_TMA)
         else:
             for i, j in T.Parallel(BM, H2):
-                if i < BM // 2:
-                    lo[i, j] = o[i, j] * inv[i]
-                else:
-                    hi[i - BM // 2, j] = o[i, j] * inv[i]
-            T.copy(lo, OUT[b, m0:m0 + BM // 2, pid_p, col:col + H2], annotations=NO_TMA)
-            T.copy(hi, OUT[b, m0 + BM // 2:m0 + BM, pid_p, col:col + H2], annotations=NO_TMA)
+                if m0 + i < rows:
+                    OUT[b, m0 + i, pid_p, col + j] = o[i, j] * inv[i]
             if with_lse:
                 for i in T.Parallel(BM):
                     if m0 + i < rows:
@@ -295,13 +292,9 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         P_s = T.alloc_shared([BM, BN], dtype)
         alpha_s = T.alloc_shared([BM], acc)
         l_s = T.alloc_shared([BM], acc)       # 1 / l per row, for "right"'s half of the output
-        # output staging after the KV loop (``store``), over the latent ring: each warpgroup
-        # writes over the halves only it and the score products read
-        if direct:
-            st_l, st_l2, st_r, st_r2 = K0_l, K0_l, K0_r, K0_r
-        else:
-            st_l, st_l2 = T.view(K0_l, [BM // 2, H2], acc), T.view(K1_l, [BM // 2, H2], acc)
-            st_r, st_r2 = T.view(K0_r, [BM // 2, H2], acc), T.view(K1_r, [BM // 2, H2], acc)
+        # direct output staging after the KV loop (``store``), over the latent ring: each warpgroup
+        # writes over the half only it and the score products read
+        st_l, st_r = K0_l, K0_r
 
         acc_s = T.alloc_fragment([BM, BN], acc)
         lim = T.alloc_fragment([BM], "int32")
@@ -401,9 +394,9 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                 inv_l[i] = T.if_then_else(l_i[i] > 0, 1.0 / l_i[i], 1.0)
             T.copy(inv_l, l_s)
             T.barrier_arrive(done[0])
-            # staging over K0_l / K1_l: every tile has landed and been read (no other reader);
-            # "right" stages over K0_r / K1_r, which the score products read, after ``done``
-            store(OUT, LSE, acc_l, st_l, st_l2, inv_l, l_i, m_i, b, pid_m, pid_p, 0, True, qk_scale)
+            # direct: staging over K0_l: every tile has landed and been read (no other reader);
+            # "right" stages over K0_r, which the score products read, after ``done``
+            store(OUT, LSE, acc_l, st_l, inv_l, l_i, m_i, b, pid_m, pid_p, 0, True, qk_scale)
         else:
             T.set_max_nreg(168, 1)
             T.fill(acc_r, 0)
@@ -420,7 +413,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                     T.barrier_arrive(p_free[0])
                     T.barrier_arrive(empty[1])
             T.barrier_wait(done[0], 0)
-            store(OUT, LSE, acc_r, st_r, st_r2, l_s, l_s, m_i, b, pid_m, pid_p, H2, False, qk_scale)
+            store(OUT, LSE, acc_r, st_r, l_s, l_s, m_i, b, pid_m, pid_p, H2, False, qk_scale)
 
     if direct:
         @T.prim_func
