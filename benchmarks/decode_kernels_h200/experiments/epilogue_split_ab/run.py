@@ -10,6 +10,16 @@ skipped), against the package kernel, alternating per cell in one process, after
 against float64 (ragged, several split counts). The variant is written to a temporary module
 (TileLang parses the kernel source from its file); the package file is not changed.
 
+Run 1 (``run1.log``, at commit 674cd47): identical max errors against float64 in all four checks;
+regstore / staged 1.01-1.02x in the split cells (B=32 x 8k 90.9 -> 89.4 us, 79 -> 81 % of copy;
+B=8 x 32k 78 -> 80 %), 1.06-1.09x at B=1 x 8k / 32k and B=8 x 4k, 1.01x at B=32 x 32k. So the
+division, not the store pattern, was what cost most in session 6; the package kernel now stores
+split partials this way (commit 8787be5) and keeps staging for the direct bf16 output. After
+that commit the script's STAGED anchor no longer matches the package file: it ran at 674cd47.
+The GPU test suite did not run on 8787be5 (the session's device time ran out): the checks here
+ran on the same store code, which is the session-6 store loop with the division replaced by a
+per-row reciprocal.
+
 Run (one H200, carry [".tlkit"]): cmd.sh
 """
 
