@@ -16,9 +16,10 @@ layouts and the split-KV scheme); this kernel differs in how one program runs on
   128 heads, 0.94-0.96x at B = 1 x 32k (benchmarks/decode_kernels_h200/run11_tilelang_ws). Session
   6 cut the scores warpgroup's per-tile scalar work (mask, scale, select): 1.1-1.4x again, the
   large memory-bound cells at 97-104 % of the copy rate and 128 heads at 71-75 % of the matmul
-  rate (run14_l2_flush). Session 7 staged the output through shared memory (the stores had
-  cost ~7 us per program, experiments/timeline): 1.04-1.08x at 32 tiles per program
-  (experiments/epilogue_ab);
+  rate (run14_l2_flush). Session 7 cut the output stores (~7 us per program, experiments/
+  timeline): 1 / l once per row, the direct output staged through shared memory, split partials
+  stored from the accumulator -- 1.05-1.10x at 32 tiles per program (experiments/epilogue_ab,
+  epilogue_split_ab);
 * the latent tile is loaded once and read twice (as K^T for the scores and as V for the output).
 
 Split partial outputs use the Triton module's layout and its combine kernel (``_run_combine``),
