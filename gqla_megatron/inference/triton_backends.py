@@ -28,10 +28,11 @@ first launch that needs it -- seconds each, 3.45 s measured in an H200 engine's 
 step -- and which variants a call needs depends on its batch, query count and split count. So
 the Triton backends run ``attend`` itself once per launch configuration of
 ``triton_decode.warmup_plan`` (every batch up to max_batch, every s_q) on dummy inputs with the
-real layouts, and tilelang_absorb does so for the calls ``prefers`` leaves to Triton. What the
-warm-up is not told can still need a compile in a decode step: a cache dict's ``"max_len"``,
-other page sizes, other cache layouts (e.g. the strided views ``switch_path`` converts a live
-cache into).
+real layouts; tilelang_absorb compiles the TileLang kernels its calls use and runs its own calls
+too (their split outputs merge in the Triton combine kernel) as well as those ``prefers`` leaves
+to Triton. What the warm-up is not told can still need a compile in a decode step: a cache
+dict's ``"max_len"``, other page sizes, other cache layouts (e.g. the strided views
+``switch_path`` converts a live cache into).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ class _TritonBackend:
                      label: str = "triton") -> List[str]:
         """Run ``attend`` -- this backend's own decode code, kernel choice included -- once per
         call of ``planner`` (default ``triton_decode.warmup_plan``; ``runs``: which (batch, s_q)
-        calls it covers; ``label`` names them in the returned lines),
-        on dummy inputs laid out as the engine's: one layer's cache of max_batch sequences x
+        calls it covers; ``label`` names them in the returned lines), on dummy inputs laid out as
+        the engine's: one layer's cache of max_batch sequences x
         ``capacity`` slots (``page`` > 0: a page pool and an int32 block table) sliced to each
         batch, so strides are the real ones; all lengths 0 (the kernels read only the s_q new
         slots); queries as ``ref.queries_from_latent`` makes them; constants from ``prepare``.
@@ -97,9 +98,10 @@ class _TritonBackend:
         cap = blocks * page if page else capacity
         H, G = cfg.num_attention_heads, cfg.num_query_groups
         N, R, V, C = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        calls = (planner or td.warmup_plan)(self.path, max_batch=max_batch, s_q=s_q, heads=H, groups=G,
-                               width=C if self.path == "absorb" else V, max_len=cap, dtype=dtype,
-                               sms=td.num_sms(device), runs=runs)
+        plan = planner or td.warmup_plan
+        calls = plan(self.path, max_batch=max_batch, s_q=s_q, heads=H, groups=G,
+                     width=C if self.path == "absorb" else V, max_len=cap, dtype=dtype,
+                     sms=td.num_sms(device), runs=runs)
         if not calls:
             return []
         kw = dict(device=device, dtype=dtype)
