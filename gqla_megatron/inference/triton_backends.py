@@ -77,11 +77,12 @@ class _TritonBackend:
 
     def _warm_triton(self, cfg: GQLAConfig, device, dtype: torch.dtype, *, max_batch: int,
                      capacity: int, s_q: Sequence[int], len_dtype: torch.dtype, page: int,
-                     runs: Optional[Callable[[int, int], bool]] = None, planner: Optional[Callable] = None,
-                     label: str = "triton") -> List[str]:
+                     runs: Optional[Callable[[int, int], bool]] = None,
+                     calls: Optional[list] = None, label: str = "triton") -> List[str]:
         """Run ``attend`` -- this backend's own decode code, kernel choice included -- once per
-        call of ``planner`` (default ``triton_decode.warmup_plan``; ``runs``: which (batch, s_q)
-        calls it covers; ``label`` names them in the returned lines), on dummy inputs laid out as
+        planned call (``calls``, default ``triton_decode.warmup_plan`` of these sizes; ``runs``:
+        which (batch, s_q) calls they cover; ``label`` names them in the returned lines), on dummy
+        inputs laid out as
         the engine's: one layer's cache of max_batch sequences x
         ``capacity`` slots (``page`` > 0: a page pool and an int32 block table) sliced to each
         batch, so strides are the real ones; all lengths 0 (the kernels read only the s_q new
@@ -98,10 +99,10 @@ class _TritonBackend:
         cap = blocks * page if page else capacity
         H, G = cfg.num_attention_heads, cfg.num_query_groups
         N, R, V, C = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        plan = planner or td.warmup_plan
-        calls = plan(self.path, max_batch=max_batch, s_q=s_q, heads=H, groups=G,
-                     width=C if self.path == "absorb" else V, max_len=cap, dtype=dtype,
-                     sms=td.num_sms(device), runs=runs)
+        if calls is None:
+            calls = td.warmup_plan(self.path, max_batch=max_batch, s_q=s_q, heads=H, groups=G,
+                                   width=C if self.path == "absorb" else V, max_len=cap, dtype=dtype,
+                                   sms=td.num_sms(device), runs=runs)
         if not calls:
             return []
         kw = dict(device=device, dtype=dtype)
@@ -203,8 +204,8 @@ class _TileLangAbsorb(_TritonAbsorb):
         common = dict(max_batch=max_batch, capacity=capacity, s_q=s_q, len_dtype=len_dtype, page=page)
         # the calls TileLang serves merge their splits with the Triton combine kernel: its variants
         # follow this kernel's split counts (a GPU test caught them compiling in a decode step)
-        done += self._warm_triton(cfg, device, dtype, **common, planner=tld.warmup_plan,
-                                  label="tilelang (+ triton combine)", runs=served)
+        done += self._warm_triton(cfg, device, dtype, **common, calls=plan, runs=served,
+                                  label="tilelang (+ triton combine)")
         return done + self._warm_triton(cfg, device, dtype, **common,
                                         runs=lambda b, s: not served(b, s))
 

@@ -65,7 +65,9 @@ def test_backend_compiles_at_load_only_what_decode_will_run(monkeypatch):
     # two Triton passes: the combine variants of the calls TileLang serves (planned with its own
     # split counts), then the Triton kernel's calls below its sizes
     (_, tl_kw), (_, kw) = triton
-    assert tl_kw["planner"] is tld.warmup_plan and "planner" not in kw
+    assert tl_kw["calls"] == tld.warmup_plan("absorb", max_batch=8, s_q=(1,), heads=32, groups=1, width=512,
+                                             max_len=8192, dtype=torch.bfloat16, sms=132,
+                                             runs=tl_kw["runs"]) and "calls" not in kw
     for k in (tl_kw, kw):
         assert k["max_batch"] == 8 and k["capacity"] == 8192 and k["page"] == 0
     # at 32+ rows (32 heads x s_q) TileLang from MIN_TOKENS cached tokens (B x 8192): every call
