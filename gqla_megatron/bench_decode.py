@@ -37,6 +37,12 @@ a decode step (our engine's cuda_graphs=True), and it keeps the host's Python la
 of us per Triton launch) out of the kernel time. A method whose capture fails is timed eagerly
 and marked (row "timing": "eager" with "timing_note"; a section of the markdown).
 --no-cuda-graphs times eager launches (host launch cost included, as in an eager decode loop).
+--layers N times each method over N layers instead of one call: N inputs (own cache, query and
+output each, so no layer reads another's cache from L2) called back to back in the one graph,
+the flush before the replay, time / N reported. A decode step runs its layers' attention this
+way, so the graph launch is paid once per step and each kernel's launch overlaps the previous
+kernel's tail; a cell caps N where its inputs would pass 8 GiB (a call that long is not about
+fixed costs), and rows carry the N they ran with.
 
 Reported per method: median time (CUDA events over --iters timed calls after --warmup), achieved
 TB/s = bytes / time,
@@ -247,14 +253,22 @@ def measure_rates(dev: torch.device, *, copy_mib: int, gemm_n: int, iters: int =
             "gemm_dtype": str(mm_dtype).replace("torch.", "")}
 
 
-def measure_launch_floor(dev: torch.device, flush: Optional[Callable], *, iters: int) -> dict:
+def measure_launch_floor(dev: torch.device, flush: Optional[Callable], *, iters: int, layers: int = 1) -> dict:
     """Time of a CUDA-graph replay holding one (two) one-element kernels, timed exactly as the
     cells are (events around the replay, the L2 flush before it): the fixed cost in every cell's
-    time, which no kernel can go under (a split kernel + its combine pay the two-kernel floor)."""
+    time, which no kernel can go under (a split kernel + its combine pay the two-kernel floor).
+    With ``layers`` > 1 also per layer of ``layers`` such one- (two-) kernel layers in one replay,
+    as ``--layers`` times the cells (``floor1_layer_us``, ``floor2_layer_us``)."""
     x = torch.zeros(1, device=dev)
     one = time_graph(lambda: x.add_(1), dev, warmup=3, iters=iters, flush=flush)
     two = time_graph(lambda: (x.add_(1), x.mul_(1)), dev, warmup=3, iters=iters, flush=flush)
-    return {"floor1_us": one * 1e6, "floor2_us": two * 1e6}
+    out = {"floor1_us": one * 1e6, "floor2_us": two * 1e6}
+    if layers > 1:
+        one = time_graph(lambda: [x.add_(1) for _ in range(layers)], dev, warmup=3, iters=iters, flush=flush)
+        two = time_graph(lambda: [(x.add_(1), x.mul_(1)) for _ in range(layers)], dev, warmup=3,
+                         iters=iters, flush=flush)
+        out.update(floor1_layer_us=one * 1e6 / layers, floor2_layer_us=two * 1e6 / layers)
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -517,6 +531,19 @@ def _parse_list(text: str, kind=int) -> List:
     return out
 
 
+LAYERS_MAX_BYTES = 8 << 30
+"""--layers stops adding layers to a cell past this many input bytes: a call that reads this much
+runs for milliseconds, where the per-call fixed costs --layers is about are noise."""
+
+
+def layers_for(need: int, layers: int, free: Optional[int]) -> int:
+    """Layers a cell is timed over under ``--layers``: at most ``layers``, with all their inputs
+    (``need`` bytes each) within LAYERS_MAX_BYTES and 40 % of the free memory (``free``; None on
+    CPU), and at least 1."""
+    cap = LAYERS_MAX_BYTES if free is None else min(LAYERS_MAX_BYTES, 0.4 * free)
+    return max(1, min(layers, int(cap // max(need, 1))))
+
+
 def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> List[dict]:
     esize = torch.finfo(dtype).bits // 8
     base = {"path": path, "B": B, "L": L, "s_q": S, "dtype": str(dtype).replace("torch.", "")}
@@ -528,7 +555,10 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
             rows.append({**base, "method": m, "status": "skipped",
                          "reason": f"inputs need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"})
         return rows
+    n_layers = layers_for(need, args.layers, free)
     x = make_inputs(path, shp, B, L, S, dtype, dev, args.page_size)
+    # --layers: more layers' inputs (own cache, query and output each), timed back to back
+    xs = [x] + [make_inputs(path, shp, B, L, S, dtype, dev, args.page_size, seed=i) for i in range(1, n_layers)]
     ideal_bytes = cache_bytes(path, shp, B, L, esize) + qo_bytes(path, shp, B, S, esize)
     fl = flops(path, shp, B, L, S)
     outs = {}
@@ -536,15 +566,19 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
         row = {**base, "method": m}
         if dev.type == "cuda":
             free = torch.cuda.mem_get_info(dev)[0]
-            extra = extra_memory(m, path, shp, B, L, S, esize)
+            extra = extra_memory(m, path, shp, B, L, S, esize) * n_layers
             if extra > 0.85 * free:
                 rows.append({**row, "status": "skipped",
                              "reason": f"needs ~{extra / 2**30:.1f} GiB more, {free / 2**30:.1f} GiB free"})
                 continue
         try:
             fn, nbytes, note = METHODS[m](path, shp, x)
-            t, mode, why = time_method(fn, dev, warmup=args.warmup, iters=args.iters, flush=flush,
+            fns = [fn] + [METHODS[m](path, shp, xi)[0] for xi in xs[1:]]
+            call = fn if n_layers == 1 else (lambda fns=fns: [f() for f in fns])
+            t, mode, why = time_method(call, dev, warmup=args.warmup, iters=args.iters, flush=flush,
                                        graphs=args.cuda_graphs)
+            t /= n_layers
+            del fns, call
         except NotApplicable as e:
             rows.append({**row, "status": "n/a", "reason": str(e)})
             continue
@@ -560,7 +594,7 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
         tbps, tflops = nbytes / t / 1e12, fl / t / 1e12
         row.update(status="ok", time_us=t * 1e6, bytes=nbytes, tbps=tbps, tflops=tflops,
                    pct_copy=100 * tbps / rates["copy_tbps"], pct_gemm=100 * tflops / rates["gemm_tflops"],
-                   note=note, timing=mode)
+                   note=note, timing=mode, layers=n_layers)
         if why:
             row["timing_note"] = why
         rows.append(row)
@@ -570,7 +604,7 @@ def run_cell(path, shp, B, L, S, dtype, dev, args, rates, flush, methods) -> Lis
             if k in outs:
                 err = ((outs[k] - b).norm() / b.norm().clamp_min(1e-30)).item()
                 next(r for r in rows if r["method"] == k)["rel_l2_vs_bmm"] = err
-    del x, outs
+    del x, xs, outs
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -586,7 +620,9 @@ def summarize(rows: List[dict]) -> List[dict]:
         t = ms.get("triton")
         peers = {m: r for m, r in ms.items() if m not in KERNELS and r.get("status") == "ok"}
         best = min(peers.items(), key=lambda kv: kv[1]["time_us"]) if peers else None
+        ok = [r for r in ms.values() if r.get("status") == "ok"]
         s = {"path": path, "B": B, "L": L, "s_q": S, "triton": t,
+             "layers": ok[0].get("layers", 1) if ok else None,   # every method of a cell alike
              "best_peer": best[0] if best else None, "best_peer_us": best[1]["time_us"] if best else None}
         if t and t.get("status") == "ok":
             s["x_best_peer"] = best[1]["time_us"] / t["time_us"] if best else None
@@ -611,12 +647,24 @@ def markdown(result: dict) -> str:
              f"{'CUDA-graph replays' if result.get('cuda_graphs') else 'eager launches'}"
              + (f" (launch floor: a replay of one tiny kernel {r['floor1_us']:.1f} us, of two "
                 f"{r['floor2_us']:.1f} us)" if 'floor1_us' in r else "")
+             + (f"; **per layer**: each method timed over up to {result['layers']} layers (own cache, "
+                f"query and output each) called back to back in one replay, time / layers (column "
+                f"`layers`: fewer where the inputs would pass 8 GiB)"
+                + (f", launch floor per layer {r['floor1_layer_us']:.2f} us (one kernel) / "
+                   f"{r['floor2_layer_us']:.2f} us (two)" if 'floor1_layer_us' in r else "")
+                if result.get('layers', 1) > 1 else "")
              + f"{'' if result.get('complete', True) else ' (INCOMPLETE: the run stopped early)'}.", ""]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    per_layer = result.get("layers", 1) > 1
+    lcol, lsep = (" layers |", "---:|") if per_layer else ("", "")
+
+    def layers_of(s):
+        return f" {fmt(s.get('layers'), 'd')} |" if per_layer else ""
+
     for path in sorted({s["path"] for s in result["summary"]}):
         lines += [f"## {path}", "",
-                  "| B | L | s_q | triton us | TB/s | % copy | TFLOP/s | % matmul | splits | best peer | peer us | x best peer | x bmm | rel err vs bmm |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+                  "| B | L | s_q | triton us | TB/s | % copy | TFLOP/s | % matmul | splits | best peer | peer us | x best peer | x bmm | rel err vs bmm |" + lcol,
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|" + lsep]
         for s in sorted((s for s in result["summary"] if s["path"] == path), key=lambda s: (s["s_q"], s["B"], s["L"])):
             t = s["triton"] or {}
             if t.get("status") == "ok":
@@ -627,20 +675,20 @@ def markdown(result: dict) -> str:
             lines.append(f"| {s['B']} | {s['L']} | {s['s_q']} | " + " | ".join(cols) + " | "
                          f"{s['best_peer'] or '-'} | {fmt(s['best_peer_us'], '.1f')} | "
                          f"{fmt(s.get('x_best_peer'), '.2f')} | {fmt(s.get('x_bmm'), '.2f')} | "
-                         f"{fmt(t.get('rel_l2_vs_bmm'), '.1e')} |")
+                         f"{fmt(t.get('rel_l2_vs_bmm'), '.1e')} |" + layers_of(s))
         lines.append("")
     tls = [s for s in result["summary"] if s.get("tilelang")]
     if tls:
         lines += ["## absorb, TileLang kernel (warp-specialised, sm_90)", "",
-                  "| B | L | s_q | tilelang us | TB/s | % copy | TFLOP/s | % matmul | splits | x triton | x best peer | rel err vs bmm |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| B | L | s_q | tilelang us | TB/s | % copy | TFLOP/s | % matmul | splits | x triton | x best peer | rel err vs bmm |" + lcol,
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + lsep]
         for s in sorted(tls, key=lambda s: (s["s_q"], s["B"], s["L"])):
             t = s["tilelang"]
             lines.append(f"| {s['B']} | {s['L']} | {s['s_q']} | {t['time_us']:.1f} | {t['tbps']:.2f} | "
                          f"{t['pct_copy']:.0f} | {t['tflops']:.1f} | {t['pct_gemm']:.0f} | "
                          f"{t['note']['num_splits']} | {fmt(s.get('tilelang_x_triton'), '.2f')} | "
                          f"{fmt(s['best_peer_us'] / t['time_us'] if s['best_peer_us'] else None, '.2f')} | "
-                         f"{fmt(t.get('rel_l2_vs_bmm'), '.1e')} |")
+                         f"{fmt(t.get('rel_l2_vs_bmm'), '.1e')} |" + layers_of(s))
         lines.append("")
     eager = sorted({(r["method"], r["path"], r["timing_note"]) for r in result["rows"] if r.get("timing_note")})
     if eager:
@@ -828,6 +876,12 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="how L2 is flushed before each timed call: write (zero a 256 MiB buffer, "
                         "the usual way; leaves dirty lines the kernel pays to write back) or read "
                         "(read it; clean lines, as in a decode step) (default write)")
+    p.add_argument("--layers", type=int, default=1,
+                   help="time each method over this many layers, each with its own cache, query "
+                        "and output, called back to back (one graph), and report the time per "
+                        "layer, as a decode step runs its attention layers; fewer in a cell whose "
+                        "inputs would pass 8 GiB or 40 %% of free memory (rows' `layers`) "
+                        "(default 1: one call)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy probe size (default 2048 on GPU, 64 on CPU)")
     p.add_argument("--gemm-n", type=int, default=None, help="matmul probe size (default 8192 on GPU, 512 on CPU)")
     p.add_argument("--flex-budget-s", type=float, default=45.0, help="seconds of flex_attention compiling (default 45)")
@@ -863,9 +917,9 @@ def _cmd_decode(args, parser) -> int:
         parser.error(f"--peers: unknown {bad}; choose from {', '.join(PEERS)}")
     if bad := [(B, L, S) for B in grid["batch"] for L in grid["context"] for S in grid["s_q"] if S > L]:
         parser.error(f"s_q must not exceed the context L: {bad[:3]}")
-    for k in ("warmup", "iters", "page_size"):
-        if getattr(args, k) < (1 if k == "iters" else 0):
-            parser.error(f"--{k.replace('_', '-')} must be >= {1 if k == 'iters' else 0}")
+    for k in ("warmup", "iters", "page_size", "layers"):
+        if getattr(args, k) < (1 if k in ("iters", "layers") else 0):
+            parser.error(f"--{k.replace('_', '-')} must be >= {1 if k in ('iters', 'layers') else 0}")
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
@@ -884,9 +938,11 @@ def _cmd_decode(args, parser) -> int:
           f"{rates['gemm_dtype']} matmul {rates['gemm_tflops']:.1f} TFLOP/s", flush=True)
     flush = L2Flush(dev, args.l2_flush) if (args.flush and on_gpu) else None
     if on_gpu and args.cuda_graphs:
-        rates.update(measure_launch_floor(dev, flush, iters=max(10, args.iters)))
+        rates.update(measure_launch_floor(dev, flush, iters=max(10, args.iters), layers=args.layers))
         print(f"launch floor (graph replay, events, flush as the cells): one tiny kernel "
-              f"{rates['floor1_us']:.1f} us, two {rates['floor2_us']:.1f} us", flush=True)
+              f"{rates['floor1_us']:.1f} us, two {rates['floor2_us']:.1f} us"
+              + (f"; per layer of {args.layers}: {rates['floor1_layer_us']:.2f} / {rates['floor2_layer_us']:.2f} us"
+                 if args.layers > 1 else ""), flush=True)
     if args.sweep:
         res = run_sweep(args, shp, dtype, dev, rates, flush)
         _write_atomic(os.path.join(args.out, "decode_sweep.json"),
@@ -921,7 +977,7 @@ def _write_results(args, dev, shp, rates, flush, rows, *, complete: bool) -> dic
     result = {"device": torch.cuda.get_device_name(dev) if on_gpu else "cpu", "torch": torch.__version__,
               "triton": _triton_version(), "shapes_name": args.shapes, "shapes": dataclasses.asdict(shp),
               "dtype": args.dtype, "page_size": args.page_size, "warmup": args.warmup, "iters": args.iters,
-              "cuda_graphs": bool(args.cuda_graphs), "complete": complete,
+              "cuda_graphs": bool(args.cuda_graphs), "complete": complete, "layers": args.layers,
               "flush": bool(flush is not None), "l2_flush": flush.mode if flush is not None else None, "rates": rates, "argv": sys.argv[1:], "rows": rows,
               "summary": summarize(rows), "env": {k: v for k, v in os.environ.items() if k.startswith("GQLA_DECODE_")}}
     _write_atomic(os.path.join(args.out, "decode_bench.json"), json.dumps(result, indent=1))

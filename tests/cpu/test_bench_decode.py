@@ -67,7 +67,7 @@ def test_decode_bench_bytes_and_flops_formulas():
 
 @pytest.mark.parametrize("bad", [["--batch", "0"], ["--path", "mla"], ["--peers", "flashmla"],
                                  ["--context", "1x"], ["--s-q", "64"], ["--cuda-graphs"],
-                                 ["--l2-flush", "evict"]])
+                                 ["--l2-flush", "evict"], ["--layers", "0"]])
 def test_decode_bench_rejects_bad_flags(tmp_path, bad):
     with pytest.raises(SystemExit):
         _run(tmp_path, *bad)
@@ -106,3 +106,50 @@ def test_l2_flush_modes():
     assert int(r.sink) == 7 and int(r.buf[5]) == 7    # read: only read (its max lands in sink)
     with pytest.raises(ValueError, match="l2_flush"):   # the CLI offers only the two modes
         bd.L2Flush(cpu, "evict")
+
+
+def test_decode_bench_layers_times_distinct_layers_per_layer(tmp_path, monkeypatch):
+    """--layers N: every method of a cell runs over N layers' own inputs (make_inputs with N seeds),
+    rows and summary carry the layer count, the time is per layer, the markdown says so; the cap
+    keeps a cell's inputs under LAYERS_MAX_BYTES."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    seeds = []
+    real = bench_decode.make_inputs
+
+    def spy(*a, seed=0, **k):
+        seeds.append(seed)
+        return real(*a, seed=seed, **k)
+
+    monkeypatch.setattr(bench_decode, "make_inputs", spy)
+    timed = []
+
+    def fake_time(call, dev, **kw):   # one timed call = all 3 layers; pretend it took 3 ms
+        outs = call()
+        timed.append([o.data_ptr() for o in outs])
+        return 3e-3, "eager", None
+
+    monkeypatch.setattr(bench_decode, "time_method", fake_time)
+    out = _run(tmp_path, "--layers", "3", "--path", "absorb", "--batch", "1", "--s-q", "1")
+    assert seeds == [0, 1, 2]
+    assert timed and all(len(set(ptrs)) == 3 for ptrs in timed)   # three distinct outputs
+    res = json.loads((out / "decode_bench.json").read_text())
+    assert res["layers"] == 3
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    assert ok and all(r["layers"] == 3 and abs(r["time_us"] - 1000.0) < 1e-6 for r in ok)
+    assert res["summary"][0]["layers"] == 3
+    md = (out / "decode_bench.md").read_text()
+    assert "**per layer**" in md and "| layers |" in md
+    # the cap: no more layers than fit LAYERS_MAX_BYTES / 40 % of free memory, and at least one
+    cap = bench_decode.LAYERS_MAX_BYTES
+    assert bench_decode.layers_for(cap // 4, 32, None) == 4
+    assert bench_decode.layers_for(cap // 4, 2, None) == 2
+    assert bench_decode.layers_for(2 * cap, 32, None) == 1
+    assert bench_decode.layers_for(100, 32, free=1000) == 4
+
+
+def test_decode_bench_layers_one_is_the_single_call(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = _run(tmp_path, "--path", "gqa", "--batch", "1", "--s-q", "1")
+    res = json.loads((out / "decode_bench.json").read_text())
+    assert res["layers"] == 1 and "**per layer**" not in (out / "decode_bench.md").read_text()
+    assert all(r["layers"] == 1 for r in res["rows"] if r["status"] == "ok")
