@@ -1,0 +1,140 @@
+"""Programmatic dependent launch (PDL) for the combine pass of split decode calls: A/B in one process.
+
+Variants (module flags read at call time, so each graph captures its variant's launches):
+  base      combine launched normally after the split kernel (the package default)
+  pdl       combine launched with launch_pdl=True and griddepcontrol.wait before its loads
+            (triton_decode.COMBINE_PDL): its launch may overlap the split kernel's drain
+  pdl+trig  TileLang only: also the split kernel signals launch_dependents on entry
+            (tilelang_decode.PDL_TRIGGER), so the combine launches once all programs run
+
+Per cell: each variant checked eagerly against base on two alternating input sets (bitwise; a
+combine that read partials before they were written would return the other input's result, as
+the partial buffers are reused), then timed as CUDA-graph replays, variants interleaved over
+--rounds rounds (median of the rounds' medians), L2 flushed (write) before each replay, in two
+modes: one call, and per layer of --layers layers (own inputs each) in one graph.
+
+Usage: python run.py [--rounds 5] [--iters 10] [--layers 16]
+"""
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+from gqla_megatron import bench_decode as bd  # noqa: E402
+from gqla_megatron.kernels import tilelang_decode as tld  # noqa: E402
+from gqla_megatron.kernels import triton_decode as td  # noqa: E402
+
+CELLS = [  # (kernel, path, B, L, s_q)
+    ("tilelang", "absorb", 1, 8192, 1), ("tilelang", "absorb", 1, 32768, 1),
+    ("tilelang", "absorb", 8, 4096, 1), ("tilelang", "absorb", 8, 32768, 1),
+    ("tilelang", "absorb", 32, 1024, 1), ("tilelang", "absorb", 32, 8192, 1),
+    ("tilelang", "absorb", 8, 32768, 2), ("tilelang", "absorb", 32, 8192, 2),
+    ("triton", "gqa", 1, 8192, 1), ("triton", "gqa", 1, 32768, 1), ("triton", "gqa", 8, 8192, 1),
+    ("triton", "absorb", 1, 8192, 1),
+]
+VARIANTS = {"base": (False, False), "pdl": (True, False), "pdl+trig": (True, True)}
+
+
+def set_variant(name):
+    td.COMBINE_PDL, tld.PDL_TRIGGER = VARIANTS[name]
+
+
+def make_call(kernel, path, shp, x):
+    fn, _, note = (bd._method_tilelang if kernel == "tilelang" else bd._method_triton)(path, shp, x)
+    return fn, note
+
+
+def capture(fn, dev):
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize(dev)
+    return g
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=16)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    shp = bd.Shapes(**bd.SHAPES["llama3-8b"])
+    flush = bd.L2Flush(dev, "write")
+    copy_tbps = bd.measure_rates(dev, copy_mib=2048, gemm_n=1024)["copy_tbps"]
+    print(f"{torch.cuda.get_device_name(dev)}; copy {copy_tbps:.2f} TB/s (read+write); rounds "
+          f"{args.rounds} x {args.iters} replays; layers {args.layers}; % = of the copy rate")
+    for kernel, path, B, L, S in CELLS:
+        variants = [v for v in VARIANTS if kernel == "tilelang" or v != "pdl+trig"]
+        need = bd.cache_bytes(path, shp, B, L, 2) + bd.qo_bytes(path, shp, B, S, 2)
+        n_layers = bd.layers_for(need, args.layers, torch.cuda.mem_get_info(dev)[0])
+        xs = [bd.make_inputs(path, shp, B, L, S, torch.bfloat16, dev, 0, seed=i) for i in range(max(2, n_layers))]
+        # correctness: alternate two input sets; every variant bitwise equal to base
+        ref, errs, note = {}, {}, None
+        for v in variants:
+            set_variant(v)
+            fns = [make_call(kernel, path, shp, x) for x in xs[:2]]
+            note = fns[0][1]
+            for rep in range(3):
+                for i, (fn, _) in enumerate(fns):
+                    o = fn().clone()
+                    torch.cuda.synchronize(dev)
+                    if v == "base":
+                        ref.setdefault(i, o)
+                    else:
+                        errs[v] = max(errs.get(v, 0.0), (o.float() - ref[i].float()).abs().max().item())
+        # graphs: single call and per layer
+        graphs = {}
+        for v in list(variants):
+            set_variant(v)
+            calls = [make_call(kernel, path, shp, x)[0] for x in xs[:n_layers]]
+            try:
+                graphs[(v, 1)] = capture(calls[0], dev)
+                if n_layers > 1:
+                    graphs[(v, n_layers)] = capture(lambda calls=calls: [c() for c in calls], dev)
+            except Exception as e:   # report, time the others
+                print(f"  {v}: graph capture failed: {str(e)[:200]}")
+                variants.remove(v)
+                graphs = {k: g for k, g in graphs.items() if k[0] != v}
+        set_variant("base")
+        med = {k: [] for k in graphs}
+        for _ in range(args.rounds):
+            for k, g in graphs.items():
+                ev = []
+                for _ in range(args.iters):
+                    flush()
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    g.replay()
+                    e.record()
+                    ev.append((s, e))
+                torch.cuda.synchronize(dev)
+                med[k].append(statistics.median(s.elapsed_time(e) * 1e3 for s, e in ev) / k[1])
+        res = {k: statistics.median(v) for k, v in med.items()}
+        copy_us = need / (copy_tbps * 1e12) * 1e6
+        line = [f"{kernel:8s} {path:6s} B={B:3d} L={L:6d} s_q={S} splits={note['num_splits']:3d} layers={n_layers:2d}"]
+        for mode in sorted({k[1] for k in res}):
+            b = res[("base", mode)]
+            parts = [f"base {b:7.1f}us ({100 * copy_us / b:3.0f}%)"]
+            for v in variants[1:]:
+                parts.append(f"{v} {res[(v, mode)]:7.1f}us x{b / res[(v, mode)]:.3f}")
+            line.append(f"  [{'1 call' if mode == 1 else 'per layer'}] " + "  ".join(parts))
+        line.append("  max |diff| vs base: " + ", ".join(f"{v} {e:.1e}" for v, e in errs.items()))
+        print("\n".join(line), flush=True)
+        del xs, graphs
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
