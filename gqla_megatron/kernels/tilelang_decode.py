@@ -44,7 +44,6 @@ compiles two kernels (split + direct) once (seconds each, cached on disk by Tile
 # (tensor shapes built from closure variables) at definition time
 import functools
 import math
-import os
 from typing import List, Optional
 
 import torch
@@ -172,8 +171,7 @@ def _tl_dtype(dtype: torch.dtype) -> str:
             torch.int64: "int64"}[dtype]
 
 
-def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                         pdl_trigger: bool = False):
+def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool):
     """The TileLang prim_func of the partial (or, ``direct``, the final) absorb kernel.
 
     Runtime sizes: batch B, ROWS = heads x s_q query rows per sequence (row m = s * heads + h;
@@ -196,10 +194,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
     While "right" runs its P.V of tile t, "scores" runs the score products and softmax of tile
     t + 1 (it waits for "right" to free P only before overwriting it).
     Stale latent rows past the split end are zeroed by "scores" after its score products and
-    before it publishes P (so before either P.V product reads them; async-proxy fence).
-    ``pdl_trigger``: every thread signals ``griddepcontrol.launch_dependents`` on entry, so a
-    kernel launched after it as a programmatic dependent (the combine pass, ``PDL_TRIGGER``)
-    is launched once every program of this one is running, rather than once they all ended."""
+    before it publishes P (so before either P.V product reads them; async-proxy fence)."""
     import tilelang.language as T
 
     BM, BN = BLOCK_M, BLOCK_N
@@ -330,8 +325,6 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         end = T.min(start + chunk, n_keys)
         n_iter = T.ceildiv(T.max(end - start, 0), BN)
         tx = T.get_thread_binding()
-        if pdl_trigger:
-            T.pdl_trigger()
 
         # register budgets (setmaxnreg): the kernel launches at 168 per thread (64K / 384); the
         # producer gives back to 80 and "scores" takes 240, "right" keeps 168: 128 x (80 + 240 +
@@ -447,29 +440,19 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
 
 def kernel_args(r: int, dr: int, dtype: torch.dtype, len_dtype: torch.dtype, page: int) -> dict:
     """``compile_absorb`` arguments (all but ``direct``) for calls with these widths, cache dtype,
-    lengths dtype and page size (0 = contiguous), and ``PDL_TRIGGER``: the one mapping
-    ``absorb_decode`` and the backend's load-time warm-up share, so the warm-up compiles exactly
-    the kernels calls use."""
-    args = dict(r=r, dr=dr, dtype=_tl_dtype(dtype), len_dtype=_tl_dtype(len_dtype), page=page)
-    if PDL_TRIGGER:
-        args["pdl_trigger"] = True
-    return args
-
-
-PDL_TRIGGER = os.environ.get("GQLA_DECODE_TILELANG_PDL_TRIGGER", "0") == "1"
-"""Compile the kernels with ``pdl_trigger`` (see ``build_absorb_program``); pairs with the Triton
-module's ``COMBINE_PDL`` (benchmarks/decode_kernels_h200/experiments/pdl_combine)."""
+    lengths dtype and page size (0 = contiguous): the one mapping ``absorb_decode`` and the
+    backend's load-time warm-up share, so the warm-up compiles exactly the kernels calls use."""
+    return dict(r=r, dr=dr, dtype=_tl_dtype(dtype), len_dtype=_tl_dtype(len_dtype), page=page)
 
 
 @functools.lru_cache(maxsize=64)
 def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                   pdl_trigger: bool = False, target: Optional[str] = None):
+                   target: Optional[str] = None):
     """Compiled kernel (TileLang JIT; its disk cache makes repeats cheap). ``target`` None =
     the current GPU; an arch such as "sm_90a" compiles offline (tests on machines without a GPU)."""
     import tilelang
 
-    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct,
-                                pdl_trigger=pdl_trigger)
+    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
     kw = {} if target is None else {"target": {"kind": "cuda", "arch": target}}
     return tilelang.compile(prog, **kw)
 

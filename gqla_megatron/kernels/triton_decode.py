@@ -293,12 +293,10 @@ def _combine_kernel(
         OPART, LSE, OUT,
         sop_b, sop_m, sop_p, slse_b, slse_m, so_b, so_s, so_h, nsplit, H,
         DV: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-        BLOCK_DV: tl.constexpr, PDL: tl.constexpr):
+        BLOCK_DV: tl.constexpr):
     m = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    if PDL:   # launched as a programmatic dependent of the split kernel: wait for its writes
-        tl.extra.cuda.gdc_wait()
     lse_base = LSE + b * slse_b + m * slse_m
     offs_p = tl.arange(0, SPLIT_PAD)
     lse = tl.load(lse_base + offs_p, mask=offs_p < nsplit, other=float("-inf"))
@@ -677,28 +675,15 @@ def combine_block(B: int, rows: int, DV: int, nsplit: int, sms: int) -> Tuple[in
     return block_dv, max(1, min(64, split_pad, 8192 // block_dv))
 
 
-COMBINE_PDL = os.environ.get("GQLA_DECODE_COMBINE_PDL", "0") == "1"
-"""Launch the combine pass with programmatic dependent launch (sm_90+): it may start while the
-split kernel drains and waits (griddepcontrol.wait) for its writes, instead of paying a full
-kernel launch gap after it (benchmarks/decode_kernels_h200/experiments/pdl_combine)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _sm90_plus(device: str) -> bool:
-    dev = torch.device(device)
-    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
-
-
 def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
     B, rows = lse.shape[0], lse.shape[1]
     block_dv, split_block = combine_block(B, rows, DV, nsplit, num_sms(device))
     grid = (rows, triton.cdiv(DV, block_dv), B)
-    pdl = COMBINE_PDL and not interpreting() and _sm90_plus(str(device))
     _combine[grid](opart, lse, out,
                    opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0), lse.stride(1),
                    out.stride(0), out.stride(1), out.stride(2), nsplit, H,
-                   DV=DV, SPLIT_PAD=_pow2(nsplit), SPLIT_BLOCK=split_block, BLOCK_DV=block_dv, PDL=pdl,
-                   num_warps=4, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+                   DV=DV, SPLIT_PAD=_pow2(nsplit), SPLIT_BLOCK=split_block, BLOCK_DV=block_dv,
+                   num_warps=4, num_stages=1)
 
 
 @dataclass(frozen=True)

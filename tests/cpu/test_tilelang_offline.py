@@ -183,13 +183,3 @@ def test_tma_layout_check():
     assert not tld._tma_ok(t[:, :, 1:])           # start 2 bytes in, row pitch still aligned
     assert not tld._tma_ok(t[:, :, ::2])           # last dim strided
     assert tld._tma_ok(t[:, 2:6])                  # a row slice keeps 1 KiB alignment
-
-
-def test_pdl_trigger_variant_signals_dependents_on_entry(offline):
-    """pdl_trigger=True: the split kernel issues griddepcontrol.launch_dependents before its roles
-    split (so every program triggers); the default kernel does not."""
-    kw = dict(r=512, dr=64, dtype="bfloat16", len_dtype="int32", page=0, direct=False, target="sm_90a")
-    src = tld.compile_absorb(pdl_trigger=True, **kw).get_kernel_source()
-    plain = tld.compile_absorb(**kw).get_kernel_source()
-    assert "griddepcontrol.launch_dependents" in src or "cudaTriggerProgrammaticLaunchCompletion" in src
-    assert "launch_dependents" not in plain and "ProgrammaticLaunchCompletion" not in plain

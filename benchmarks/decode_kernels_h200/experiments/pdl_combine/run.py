@@ -14,6 +14,11 @@ the partial buffers are reused), then timed as CUDA-graph replays, variants inte
 modes: one call, and per layer of --layers layers (own inputs each) in one graph.
 
 Usage: python run.py [--rounds 5] [--iters 10] [--layers 16]
+
+Run 1 (run1.log) had a bug fixed after it: the graphs' output buffers (owned by the call
+closures) were not kept alive after capture, so replays could write into freed memory. That run
+ended with an illegal memory access in the third cell; whether that came from this bug or from
+PDL was not isolated (the flags were removed: no gain to chase).
 """
 
 import argparse
@@ -95,10 +100,11 @@ def main():
                     else:
                         errs[v] = max(errs.get(v, 0.0), (o.float() - ref[i].float()).abs().max().item())
         # graphs: single call and per layer
-        graphs = {}
+        graphs, keep = {}, []
         for v in list(variants):
             set_variant(v)
             calls = [make_call(kernel, path, shp, x)[0] for x in xs[:n_layers]]
+            keep.append(calls)   # the closures own the output buffers the graphs write
             try:
                 graphs[(v, 1)] = capture(calls[0], dev)
                 if n_layers > 1:
@@ -132,7 +138,8 @@ def main():
             line.append(f"  [{'1 call' if mode == 1 else 'per layer'}] " + "  ".join(parts))
         line.append("  max |diff| vs base: " + ", ".join(f"{v} {e:.1e}" for v, e in errs.items()))
         print("\n".join(line), flush=True)
-        del xs, graphs
+        g = None
+        del xs, graphs, keep
         torch.cuda.empty_cache()
 
 
