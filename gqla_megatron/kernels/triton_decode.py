@@ -293,7 +293,7 @@ def _combine_kernel(
         OPART, LSE, OUT,
         sop_b, sop_m, sop_p, slse_b, slse_m, so_b, so_s, so_h, nsplit, H,
         DV: tl.constexpr, SPLIT_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-        BLOCK_DV: tl.constexpr):
+        BLOCK_DV: tl.constexpr, DISCARD: tl.constexpr):
     m = tl.program_id(0)
     pid_v = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -317,6 +317,19 @@ def _combine_kernel(
     s = m // H
     h = m % H
     tl.store(OUT + b * so_b + s * so_s + h * so_h + offs_v, out.to(OUT.dtype.element_ty), mask=v_ok)
+    if DISCARD:
+        # the partials are dead once read: drop their L2 lines without writing them back to HBM
+        # (each 128-byte line -- one row, one split, 32 columns -- is read by this program only;
+        # _run_combine checks the alignment). All threads have used their loads: barrier first.
+        tl.debug_barrier()
+        lines = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV // 32) * 32
+        for p0 in range(0, nsplit, SPLIT_BLOCK):
+            offs = p0 + tl.arange(0, SPLIT_BLOCK)
+            ok = (offs < nsplit)[:, None] & (lines < DV)[None, :]
+            ptrs = OPART + b * sop_b + m * sop_m + offs[:, None] * sop_p + lines[None, :]
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p discard.global.L2 [$1], 128; mov.u32 $0, 0; }",
+                "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def _fix_interpreter_scalar_index() -> None:
@@ -675,6 +688,20 @@ def combine_block(B: int, rows: int, DV: int, nsplit: int, sms: int) -> Tuple[in
     return block_dv, max(1, min(64, split_pad, 8192 // block_dv))
 
 
+COMBINE_DISCARD = os.environ.get("GQLA_DECODE_COMBINE_DISCARD", "0") == "1"
+"""The combine pass discards the partials' L2 lines after reading them (``discard.global.L2``,
+sm_80+), so the dirty lines are not written back to HBM while the next kernel streams its cache
+(benchmarks/decode_kernels_h200/experiments/combine_discard)."""
+
+
+def discard_ok(opart: Tensor, DV: int) -> bool:
+    """Whether the partial buffer's 128-byte lines each hold one row's, one split's 32 columns --
+    the condition for the combine to discard them (no line shared between programs)."""
+    return (COMBINE_DISCARD and not interpreting() and opart.is_cuda and DV % 32 == 0
+            and opart.stride(-1) == 1 and opart.data_ptr() % 128 == 0
+            and all(st % 32 == 0 for st in opart.stride()[:-1]))
+
+
 def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
     B, rows = lse.shape[0], lse.shape[1]
     block_dv, split_block = combine_block(B, rows, DV, nsplit, num_sms(device))
@@ -683,7 +710,7 @@ def _run_combine(opart, lse, out, H, DV, nsplit, device) -> None:
                    opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0), lse.stride(1),
                    out.stride(0), out.stride(1), out.stride(2), nsplit, H,
                    DV=DV, SPLIT_PAD=_pow2(nsplit), SPLIT_BLOCK=split_block, BLOCK_DV=block_dv,
-                   num_warps=4, num_stages=1)
+                   DISCARD=discard_ok(opart, DV), num_warps=4, num_stages=1)
 
 
 @dataclass(frozen=True)

@@ -281,9 +281,41 @@ def test_combine_block_rule():
         assert 32 <= bdv <= 512 and sb * bdv <= 8192 and 1 <= sb <= 64
 
 
+@pytest.mark.parametrize("discard", [False, True], ids=["keep", "discard"])
 @pytest.mark.parametrize("block_dv,split_block", [(512, 16), (128, 64), (32, 64)])
-def test_combine_kernel_compiles_for_sm90(block_dv, split_block, no_interpret):
+def test_combine_kernel_compiles_for_sm90(block_dv, split_block, discard, no_interpret):
     shared, report = _compile_sm90(td._combine_kernel, dict(OPART="*fp32", LSE="*fp32", OUT="*bf16"),
                                    ("nsplit", "H"), dict(DV=512, SPLIT_PAD=256, SPLIT_BLOCK=split_block,
-                                                         BLOCK_DV=block_dv), 4, 1)
+                                                         BLOCK_DV=block_dv, DISCARD=discard), 4, 1)
     assert shared <= SM90_SMEM and "0 bytes spill stores" in report, report
+    # DISCARD: one predicated discard per 128-byte line, after a barrier; none otherwise
+    ptx = _LAST_PTX[0]
+    assert ("discard.global.L2" in ptx) == discard
+    if discard:
+        assert ptx.index("bar.sync") < ptx.index("discard.global.L2")
+
+
+def test_combine_discards_only_whole_private_lines(monkeypatch):
+    """discard_ok: only with the flag, on CUDA tensors whose 128-byte lines each belong to one
+    (row, split, 32 columns) -- 128-byte aligned start, strides in whole lines, DV % 32 == 0."""
+    monkeypatch.setattr(td, "COMBINE_DISCARD", True)
+    monkeypatch.setattr(td, "interpreting", lambda: False)
+
+    class Fake:
+        is_cuda = True
+
+        def __init__(self, ptr, strides):
+            self.ptr, self.strides = ptr, strides
+
+        def data_ptr(self):
+            return self.ptr
+
+        def stride(self, i=None):
+            return self.strides if i is None else self.strides[i]
+
+    assert td.discard_ok(Fake(4096, (64 * 4 * 512, 4 * 512, 512, 1)), 512)
+    assert not td.discard_ok(Fake(4096 + 64, (64 * 4 * 512, 4 * 512, 512, 1)), 512)   # misaligned
+    assert not td.discard_ok(Fake(4096, (64 * 4 * 48, 4 * 48, 48, 1)), 48)            # lines shared
+    assert not td.discard_ok(Fake(4096, (64 * 4 * 512, 4 * 512, 1, 4)), 512)          # strided
+    monkeypatch.setattr(td, "COMBINE_DISCARD", False)
+    assert not td.discard_ok(Fake(4096, (64 * 4 * 512, 4 * 512, 512, 1)), 512)

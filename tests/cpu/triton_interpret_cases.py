@@ -250,7 +250,7 @@ def test_combine_pass_multi_pass_and_wide_blocks(block_dv, split_block, nsplit):
     grid = (rows, triton.cdiv(DV, block_dv), B)
     td._combine[grid](opart, lse, out, opart.stride(0), opart.stride(1), opart.stride(2), lse.stride(0),
                       lse.stride(1), out.stride(0), out.stride(1), out.stride(2), nsplit, H, DV=DV,
-                      SPLIT_PAD=td._pow2(nsplit), SPLIT_BLOCK=split_block, BLOCK_DV=block_dv,
+                      SPLIT_PAD=td._pow2(nsplit), SPLIT_BLOCK=split_block, BLOCK_DV=block_dv, DISCARD=False,
                       num_warps=4, num_stages=1)
     w = torch.softmax(lse.double() * math.log(2.0), dim=-1).nan_to_num(0.0)   # LSE is base 2
     want = torch.einsum("bmp,bmpd->bmd", w, opart.double()).view(B, rows // H, H, DV)
