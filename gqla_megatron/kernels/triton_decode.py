@@ -690,8 +690,10 @@ def combine_block(B: int, rows: int, DV: int, nsplit: int, sms: int) -> Tuple[in
 
 COMBINE_DISCARD = os.environ.get("GQLA_DECODE_COMBINE_DISCARD", "0") == "1"
 """The combine pass discards the partials' L2 lines after reading them (``discard.global.L2``,
-sm_80+), so the dirty lines are not written back to HBM while the next kernel streams its cache
-(benchmarks/decode_kernels_h200/experiments/combine_discard)."""
+sm_80+), so the dirty lines are not written back to HBM while the next kernel streams its cache.
+Off by default: measured (H200, benchmarks/decode_kernels_h200/experiments/combine_discard)
+1.01-1.03x per layer in the bandwidth-bound split cells (layers back to back in one graph), but
+0.98-1.00x as single calls and at B = 1 -- too small and mixed to change the default for."""
 
 
 def discard_ok(opart: Tensor, DV: int) -> bool:
