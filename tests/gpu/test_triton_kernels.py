@@ -235,3 +235,38 @@ def test_kernels_capture_in_cuda_graph_and_replay_new_inputs(path, num_splits):
         want = call(torch.empty_like(out))
         assert bool(torch.isfinite(out).all()), f"{path} replay {step}: non-finite"
         assert torch.equal(out, want), f"{path} replay {step} differs from the eager call"
+
+
+@pytest.mark.parametrize("kernel", ["triton", "tilelang"])
+def test_combine_discard_option_same_results(kernel, monkeypatch):
+    """GQLA_DECODE_COMBINE_DISCARD (the combine drops the partials' L2 lines after reading them):
+    split calls on two input sets in turn, twice (a discard before the reads had finished would
+    leave the other set's stale partials to read) match float64 and equal the default bitwise."""
+    from gqla_megatron.kernels import triton_decode as td
+
+    if kernel == "triton":
+        run = td.absorb_decode
+    else:
+        from gqla_megatron.kernels import tilelang_decode as tld
+
+        problems = tld.absorb_problems(_dev(), torch.bfloat16, kv_lora_rank=512, rope_dim=64)
+        if problems:
+            pytest.skip("; ".join(problems))
+        run = tld.absorb_decode
+    cases = [absorb_case(32, 1, "contiguous", torch.bfloat16, seed, len_dtype=torch.int32) for seed in (11, 12)]
+
+    def call(case, discard):
+        monkeypatch.setattr(td, "COMBINE_DISCARD", discard)
+        q, qr, c, kr, lengths, scale, _, _ = case
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=_dev())
+        kw = dict(config=td.DecodeKernelConfig(num_splits=7)) if kernel == "triton" else dict(num_splits=7)
+        run(q, qr, c, kr, lengths, scale, out=out, **kw)
+        torch.cuda.synchronize()
+        return out
+
+    keep = [call(case, False) for case in cases]
+    for _ in range(2):
+        for case, want_bits in zip(cases, keep):
+            got = call(case, True)
+            assert torch.equal(got, want_bits), f"{kernel}: discard changed the result"
+            assert_close_report(f"{kernel} discard", got, case[-1], **TOL[torch.bfloat16])
