@@ -336,8 +336,13 @@ class GQLAEngine:
             new = []
             for cache, (lcfg, lw) in zip(caches, local):
                 if path == "gqa":
+                    # the expansion's K and V are views into one (B, T, G, N + V) product: copied
+                    # out, so the caches have the layout _alloc_layers gives (the one the
+                    # backend's warm-up compiled for and the kernels read best), and the product
+                    # is freed layer by layer
                     g = ref.expand_cache(ref.LatentCache(cache["c"], cache["k_rope"]), lw, lcfg)
-                    new.append({"k_nope": g.k_nope_BTGN, "v": g.v_BTGV, "k_rope": g.k_rope_BTR})
+                    new.append({"k_nope": g.k_nope_BTGN.contiguous(), "v": g.v_BTGV.contiguous(),
+                                "k_rope": g.k_rope_BTR})
                 else:
                     # with TP each rank recovers the latent from ITS groups' K/V (same rank condition)
                     lat = ref.compress_cache(ref.GroupCache(cache["k_nope"], cache["v"], cache["k_rope"]),

@@ -31,8 +31,8 @@ the Triton backends run ``attend`` itself once per launch configuration of
 real layouts; tilelang_absorb compiles the TileLang kernels its calls use and runs its own calls
 too (their split outputs merge in the Triton combine kernel) as well as those ``prefers`` leaves
 to Triton. What the warm-up is not told can still need a compile in a decode step: a cache
-dict's ``"max_len"``, other page sizes, other cache layouts (e.g. the strided views
-``switch_path`` converts a live cache into).
+dict's ``"max_len"``, other page sizes, other cache layouts. (The engine's own caches -- also
+after ``switch_path``, which converts into the same contiguous layouts -- are what it is told.)
 """
 
 from __future__ import annotations

@@ -186,6 +186,14 @@ def test_cuda_graphs_fall_back_on_cpu_and_static_buffer_path_gives_same_tokens(c
     assert eng._cache_rows == 2 and eng.caches is not caches
     eng.switch_path("absorb")
     assert not eng._graphs.entries
+    # a switch converts into the layouts the engine allocates (what graphs and warm-up assume)
+    for path in ("gqa", "absorb"):
+        eng.switch_path(path)
+        fresh = eng._alloc_layers(2, 1)[0]
+        for cache in eng.caches + eng.mtp_caches:
+            assert cache.keys() == fresh.keys()
+            for k, t in cache.items():
+                assert t.is_contiguous() and t.shape == fresh[k].shape and t.dtype == fresh[k].dtype, (path, k)
     for a, b in zip(got, base):
         assert a.tokens == b.tokens and (a.logits - b.logits).abs().max() <= 1e-5
     assert [r.tokens for r in again] == [r.tokens for r in base[:2]]

@@ -77,3 +77,26 @@ def test_no_triton_compile_after_load(backend, k, cuda_graphs, monkeypatch):
         assert all(r.error is None and len(r.tokens) == 4 for r in res)
         assert compiled() == at_load, f"batch {B}: a decode step compiled a Triton kernel"
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("first,then", [("absorb", "gqa"), ("gqa", "absorb")])
+def test_no_triton_compile_after_switch_path(first, then, monkeypatch):
+    """A path switch mid-generation warms the new path's backend (the engine's choice on this
+    GPU), and the decode steps after it, on the converted caches, compile nothing."""
+    for c in _caches():
+        c.clear()
+    marks = []
+    set_path = GQLAEngine._set_path
+
+    def recording(self, path):
+        set_path(self, path)
+        marks.append((path, compiled()))
+
+    monkeypatch.setattr(GQLAEngine, "_set_path", recording)
+    eng = GQLAEngine(model(), CFG, decode_path=first, max_batch=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
+                     device="cuda", dtype=torch.bfloat16, device_spec=H200)
+    res = eng.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_new_tokens=6, return_logits=False),
+                       switch_at=2, switch_to=then)
+    assert all(r.error is None and len(r.tokens) == 6 for r in res)
+    assert eng.path == then and [p for p, _ in marks] == [first, then], marks
+    assert compiled() == marks[-1][1], f"a decode step after the switch to {then} compiled a Triton kernel"
