@@ -40,9 +40,9 @@ and marked (row "timing": "eager" with "timing_note"; a section of the markdown)
 --layers N times each method over N layers instead of one call: N inputs (own cache, query and
 output each, so no layer reads another's cache from L2) called back to back in the one graph,
 the flush before the replay, time / N reported. A decode step runs its layers' attention this
-way, so the graph launch is paid once per step and each kernel's launch overlaps the previous
-kernel's tail; a cell caps N where its inputs would pass 8 GiB (a call that long is not about
-fixed costs), and rows carry the N they ran with.
+way: the graph launch is paid once per step, and between kernels there is only the gap inside a
+graph (the run also measures the launch floor per layer); a cell caps N where its inputs would
+pass 8 GiB (a call that long is not about fixed costs), and rows carry the N they ran with.
 
 Reported per method: median time (CUDA events over --iters timed calls after --warmup), achieved
 TB/s = bytes / time,
