@@ -16,19 +16,20 @@ modes: one call, and per layer of --layers layers (own inputs each) in one graph
 Usage: python run.py [--rounds 5] [--iters 10] [--layers 16]
 
 Run 1 (run1.log) had a bug fixed after it: the graphs' output buffers (owned by the call
-closures) were not kept alive after capture, so replays could write into freed memory. That run
+closures) were not kept alive after capture, so replays could write into freed memory. (Since
+then the capture and timing helpers live in ../ab_graphs.py, shared with combine_discard.) That run
 ended with an illegal memory access in the third cell; whether that came from this bug or from
 PDL was not isolated (the flags were removed: no gain to chase).
 """
 
-import argparse
-import statistics
+import os
 import sys
 
 import torch
 
 sys.path.insert(0, ".")
-from gqla_megatron import bench_decode as bd  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ab_graphs import capture, cell_inputs, eager_check, make_call, setup, time_interleaved  # noqa: E402
 from gqla_megatron.kernels import tilelang_decode as tld  # noqa: E402
 from gqla_megatron.kernels import triton_decode as td  # noqa: E402
 
@@ -47,58 +48,13 @@ def set_variant(name):
     td.COMBINE_PDL, tld.PDL_TRIGGER = VARIANTS[name]
 
 
-def make_call(kernel, path, shp, x):
-    fn, _, note = (bd._method_tilelang if kernel == "tilelang" else bd._method_triton)(path, shp, x)
-    return fn, note
-
-
-def capture(fn, dev):
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    torch.cuda.synchronize(dev)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize(dev)
-    return g
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--layers", type=int, default=16)
-    args = ap.parse_args()
-    dev = torch.device("cuda")
-    shp = bd.Shapes(**bd.SHAPES["llama3-8b"])
-    flush = bd.L2Flush(dev, "write")
-    copy_tbps = bd.measure_rates(dev, copy_mib=2048, gemm_n=1024)["copy_tbps"]
-    print(f"{torch.cuda.get_device_name(dev)}; copy {copy_tbps:.2f} TB/s (read+write); rounds "
-          f"{args.rounds} x {args.iters} replays; layers {args.layers}; % = of the copy rate")
+    args, dev, shp, flush, copy_tbps = setup(16)
     for kernel, path, B, L, S in CELLS:
         variants = [v for v in VARIANTS if kernel == "tilelang" or v != "pdl+trig"]
-        need = bd.cache_bytes(path, shp, B, L, 2) + bd.qo_bytes(path, shp, B, S, 2)
-        n_layers = bd.layers_for(need, args.layers, torch.cuda.mem_get_info(dev)[0])
-        xs = [bd.make_inputs(path, shp, B, L, S, torch.bfloat16, dev, 0, seed=i) for i in range(max(2, n_layers))]
+        need, n_layers, xs = cell_inputs(path, shp, B, L, S, dev, args.layers)
         # correctness: alternate two input sets; every variant bitwise equal to base
-        ref, errs, note = {}, {}, None
-        for v in variants:
-            set_variant(v)
-            fns = [make_call(kernel, path, shp, x) for x in xs[:2]]
-            note = fns[0][1]
-            for rep in range(3):
-                for i, (fn, _) in enumerate(fns):
-                    o = fn().clone()
-                    torch.cuda.synchronize(dev)
-                    if v == "base":
-                        ref.setdefault(i, o)
-                    else:
-                        errs[v] = max(errs.get(v, 0.0), (o.float() - ref[i].float()).abs().max().item())
+        ref, errs, note = eager_check(kernel, path, shp, xs, dev, variants, set_variant)
         # graphs: single call and per layer
         graphs, keep = {}, []
         for v in list(variants):
@@ -114,20 +70,7 @@ def main():
                 variants.remove(v)
                 graphs = {k: g for k, g in graphs.items() if k[0] != v}
         set_variant("base")
-        med = {k: [] for k in graphs}
-        for _ in range(args.rounds):
-            for k, g in graphs.items():
-                ev = []
-                for _ in range(args.iters):
-                    flush()
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    g.replay()
-                    e.record()
-                    ev.append((s, e))
-                torch.cuda.synchronize(dev)
-                med[k].append(statistics.median(s.elapsed_time(e) * 1e3 for s, e in ev) / k[1])
-        res = {k: statistics.median(v) for k, v in med.items()}
+        res = time_interleaved(graphs, dev, flush, rounds=args.rounds, iters=args.iters)
         copy_us = need / (copy_tbps * 1e12) * 1e6
         line = [f"{kernel:8s} {path:6s} B={B:3d} L={L:6d} s_q={S} splits={note['num_splits']:3d} layers={n_layers:2d}"]
         for mode in sorted({k[1] for k in res}):
@@ -138,7 +81,6 @@ def main():
             line.append(f"  [{'1 call' if mode == 1 else 'per layer'}] " + "  ".join(parts))
         line.append("  max |diff| vs base: " + ", ".join(f"{v} {e:.1e}" for v, e in errs.items()))
         print("\n".join(line), flush=True)
-        g = None
         del xs, graphs, keep
         torch.cuda.empty_cache()
 
