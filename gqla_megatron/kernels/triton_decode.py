@@ -526,8 +526,19 @@ def split_time(units: int, splits: int, slots: int) -> float:
     return -(-(units * splits) // slots) / splits
 
 
+def split_time_tiles(units: int, splits: int, slots: int, max_len: int, block_n: int) -> float:
+    """``split_time`` as the kernels split: each split's chunk is rounded up to whole
+    ``block_n``-key tiles (``_split_range``), so ``splits`` can leave trailing splits empty and
+    give the others more tiles (4096 keys in 31 splits: 22 programs of 3 tiles). In tiles per
+    program times waves of the programs that have keys."""
+    tiles = -(-max_len // block_n)
+    per = -(-(-(-max_len // splits)) // block_n)       # tiles per program
+    active = -(-tiles // per)
+    return -(-(units * active) // slots) * per
+
+
 def choose_num_splits(units: int, max_len: int, sms: int, *, waves: float, min_chunk: int,
-                      block_n: int) -> int:
+                      block_n: int, tile_rounding: bool = False) -> int:
     """KV splits per sequence (see module docstring). ``units``: programs without splitting.
 
     slots = waves x SMs programs run at once. A grid that already fills 80 % of the slots is
@@ -535,12 +546,17 @@ def choose_num_splits(units: int, max_len: int, sms: int, *, waves: float, min_c
     block_n) keys of the longest sequence, and <= MAX_SPLITS) is scored by ``split_time``
     (whole waves, so a mostly-empty last wave costs a full one), and the smallest count within
     5 % of the best score wins (fewer partial outputs to write and combine). E.g. 64 units on
-    132 slots: 2 splits (128 programs, one wave), not 5 (320 programs, a third wave 42 % busy)."""
+    132 slots: 2 splits (128 programs, one wave), not 5 (320 programs, a third wave 42 % busy).
+    ``tile_rounding``: score with ``split_time_tiles`` instead (the TileLang kernel, whose
+    programs are few and long enough that a tile more or less each shows)."""
     slots = max(1, int(round(waves * sms)))
     if units >= 0.8 * slots or max_len <= 0:
         return 1
     cap = int(max(1, min(MAX_SPLITS, -(-max_len // max(min_chunk, block_n)))))
-    times = [split_time(units, s, slots) for s in range(1, cap + 1)]
+    if tile_rounding:
+        times = [split_time_tiles(units, s, slots, max_len, block_n) for s in range(1, cap + 1)]
+    else:
+        times = [split_time(units, s, slots) for s in range(1, cap + 1)]
     best = min(times)
     return next(s for s, t in enumerate(times, start=1) if t <= 1.05 * best)
 

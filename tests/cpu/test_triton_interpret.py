@@ -90,6 +90,26 @@ def test_split_heuristic():
             assert all(t[k] > 1.05 * min(t.values()) for k in range(1, s))
 
 
+def test_split_heuristic_with_tile_rounding():
+    """tile_rounding (the TileLang kernel's planner): splits are scored by whole 64-key tiles per
+    program and the programs that get keys -- 4096 keys in 31 splits leave 9 empty and give the
+    rest 3 tiles; 64 splits give one tile to each of 64 programs."""
+    assert td.split_time_tiles(1, 31, 132, 4096, 64) == 3      # 22 programs x 3 tiles, one wave
+    assert td.split_time_tiles(1, 64, 132, 4096, 64) == 1
+    assert td.split_time_tiles(1, 126, 132, 32768, 64) == 5    # 103 programs of 5 tiles
+    assert td.split_time_tiles(1, 128, 132, 32768, 64) == 4
+    assert td.split_time_tiles(2, 128, 132, 32768, 64) == 8    # 256 programs: two waves of 4
+    kw = dict(waves=1.0, min_chunk=64, block_n=64, tile_rounding=True)
+    assert td.choose_num_splits(1, 4096, 132, **kw) == 64
+    assert td.choose_num_splits(1, 8192, 132, **kw) == 128
+    assert td.choose_num_splits(1, 32768, 132, **kw) == 128
+    assert td.choose_num_splits(32, 4096, 132, **kw) == 4      # as without rounding
+    assert td.choose_num_splits(8, 32768, 132, **kw) == 16
+    from gqla_megatron.kernels import tilelang_decode as tld
+
+    assert tld.splits_for(1, 32, 4096, 132) == 64 and tld.splits_for(8, 32, 32768, 132) == 16
+
+
 def test_env_overrides_and_bad_config(monkeypatch):
     monkeypatch.setenv("GQLA_DECODE_GQA_BLOCK_N", "32")
     monkeypatch.setenv("GQLA_DECODE_GQA_NUM_SPLITS", "7")

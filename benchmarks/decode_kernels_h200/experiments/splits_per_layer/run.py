@@ -6,7 +6,7 @@ layer of --layers layers (own inputs each, one graph), interleaved over --rounds
 flush before each replay; every split count's output is first checked against the package
 split count's (bf16: max |diff| reported, different split counts round differently).
 
-Usage: python run.py [--rounds 5] [--iters 10] [--layers 32]
+Usage: python run.py [--run2] [--rounds 5] [--iters 10] [--layers 32]  (--run2: the CELLS_RUN2 list)
 """
 
 import os
@@ -17,16 +17,35 @@ import torch
 sys.path.insert(0, ".")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ab_graphs import capture, cell_inputs, setup, time_interleaved  # noqa: E402
+from gqla_megatron import bench_decode as bd  # noqa: E402
 from gqla_megatron.kernels import tilelang_decode as tld  # noqa: E402
 from gqla_megatron.kernels import triton_decode as td  # noqa: E402
 
-CELLS = [  # (kernel, path, B, L, s_q, other split counts)
+CELLS = [  # (kernel, path, B, L, s_q, other split counts[, shapes]); run 1: the first six
     ("tilelang", "absorb", 1, 4096, 1, (16, 64)),
     ("tilelang", "absorb", 1, 8192, 1, (32, 96, 128)),
     ("tilelang", "absorb", 1, 32768, 1, (64, 96, 132)),
     ("tilelang", "absorb", 8, 8192, 1, (8, 12)),
     ("triton", "gqa", 1, 8192, 1, (8, 16, 64, 96)),
     ("triton", "gqa", 1, 32768, 1, (16, 64, 96)),
+]
+CELLS_RUN2 = [  # --run2, after the TileLang planner change (min_chunk 64, whole tiles scored):
+    # the package's new split count vs the earlier rule's, in the cells where they differ
+    ("tilelang", "absorb", 1, 1024, 1, (8,)),
+    ("tilelang", "absorb", 1, 2048, 1, (16,)),
+    ("tilelang", "absorb", 1, 4096, 2, (31,)),
+    ("tilelang", "absorb", 1, 8192, 2, (61,)),
+    ("tilelang", "absorb", 2, 4096, 1, (31,)),
+    ("tilelang", "absorb", 2, 8192, 1, (61,)),
+    ("tilelang", "absorb", 2, 32768, 1, (63,)),
+    ("tilelang", "absorb", 4, 2048, 1, (16,)),
+    ("tilelang", "absorb", 4, 4096, 1, (31,)),
+    ("tilelang", "absorb", 8, 1024, 1, (8,)),
+    ("tilelang", "absorb", 8, 1024, 2, (8,)),
+    ("tilelang", "absorb", 1, 4096, 1, (31,), "h128"),
+    ("tilelang", "absorb", 1, 8192, 1, (61,), "h128"),
+    ("tilelang", "absorb", 1, 32768, 1, (63,), "h128"),
+    ("tilelang", "absorb", 2, 4096, 1, (31,), "h128"),
 ]
 
 
@@ -46,8 +65,12 @@ def make(kernel, path, x, shp, nsplit):
 
 
 def main():
-    args, dev, shp, flush, copy_tbps = setup(32)
-    for kernel, path, B, L, S, others in CELLS:
+    run2 = "--run2" in sys.argv
+    if run2:
+        sys.argv.remove("--run2")
+    args, dev, shp0, flush, copy_tbps = setup(32)
+    for kernel, path, B, L, S, others, *name in (CELLS_RUN2 if run2 else CELLS):
+        shp = bd.Shapes(**bd.SHAPES[name[0]]) if name else shp0
         need, n_layers, xs = cell_inputs(path, shp, B, L, S, dev, args.layers)
         graphs, keep, diffs, counts = {}, [], {}, {}
         for v in (None,) + others:
@@ -64,7 +87,7 @@ def main():
                 graphs[(v, n_layers)] = capture(lambda fns=fns: [f() for f in fns], dev)
         res = time_interleaved(graphs, dev, flush, rounds=args.rounds, iters=args.iters)
         copy_us = need / (copy_tbps * 1e12) * 1e6
-        print(f"{kernel:8s} {path:6s} B={B:3d} L={L:6d} s_q={S} layers={n_layers}")
+        print(f"{kernel:8s} {path:6s} B={B:3d} L={L:6d} s_q={S} heads={shp.heads} layers={n_layers}")
         for v in (None,) + others:
             parts = [f"{'1 call' if m == 1 else 'per layer'} {res[(v, m)]:6.1f}us ({100 * copy_us / res[(v, m)]:3.0f}%)"
                      for m in sorted({k[1] for k in res})]
