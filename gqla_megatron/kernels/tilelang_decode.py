@@ -53,7 +53,9 @@ BLOCK_M = 64
 BLOCK_N = 64
 THREADS = 384       # producer warpgroup + "scores" warpgroup + "right" warpgroup
 WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
-MIN_CHUNK = 64      # one 64-token tile per program at least (session 8, experiments/splits_per_layer)
+# keys per split at least: one 64-token tile where a program has <= 32 query rows (its 64-row tile
+# half empty), two tiles with 33-64 rows (session 8, experiments/splits_per_layer runs 1-2)
+MIN_CHUNK, MIN_CHUNK_FULL_ROWS = 64, 128
 # where the Triton kernel is as fast or faster (H200; benchmarks/decode_kernels_h200/experiments/
 # tilelang_16_rows run 2, session 7, after the staged epilogue made short programs cheaper): every
 # TileLang program computes 64 query rows; with 32 or more rows per sequence (heads x s_q)
@@ -133,16 +135,22 @@ def plan_splits(batch: int, rows: int, max_len: int, device) -> int:
 
 
 def splits_for(batch: int, rows: int, max_len: int, sms: int) -> int:
-    """``plan_splits`` for a GPU of ``sms`` SMs (pure: the warm-up planner uses it too). Scored
-    with whole tiles per split (``tile_rounding``) and down to one tile per program: at B = 1 the
-    earlier rule (two tiles at least, rounding ignored) gave 4096 keys 31 splits, of which 22 had
-    keys, 3 tiles each -- 64 splits of one tile measured 1.22x per layer
-    (benchmarks/decode_kernels_h200/experiments/splits_per_layer)."""
+    """``plan_splits`` for a GPU of ``sms`` SMs (pure: the warm-up planner uses it too).
+
+    Up to 32 query rows per program: splits scored in whole tiles per program
+    (``tile_rounding``) and down to one tile per program. The Triton rule (two tiles at least,
+    rounding ignored) gave B = 1 x 4096 keys 31 splits, of which 22 got keys, 3 tiles each; 64
+    splits of one tile measured 1.22x per layer, and the new rule 1.04-1.23x at B = 1, 1.05-1.10x
+    at B = 2, 1.00-1.06x at B = 4 (benchmarks/decode_kernels_h200/experiments/splits_per_layer).
+    With 33-64 rows per program (s_q 2, 128 heads) one-tile programs measured 0.90-0.98x (twice
+    the partials, a full tile of work each), so those keep the Triton rule."""
     from . import triton_decode as td
 
     units = batch * -(-rows // BLOCK_M)
-    return td.choose_num_splits(units, max_len, sms, waves=WAVES, min_chunk=MIN_CHUNK, block_n=BLOCK_N,
-                                tile_rounding=True)
+    if min(rows, BLOCK_M) <= 32:
+        return td.choose_num_splits(units, max_len, sms, waves=WAVES, min_chunk=MIN_CHUNK, block_n=BLOCK_N,
+                                    tile_rounding=True)
+    return td.choose_num_splits(units, max_len, sms, waves=WAVES, min_chunk=MIN_CHUNK_FULL_ROWS, block_n=BLOCK_N)
 
 
 def warmup_plan(path: str, *, max_batch: int, s_q, heads: int, groups: int, width: int, max_len: int,

@@ -108,6 +108,9 @@ def test_split_heuristic_with_tile_rounding():
     from gqla_megatron.kernels import tilelang_decode as tld
 
     assert tld.splits_for(1, 32, 4096, 132) == 64 and tld.splits_for(8, 32, 32768, 132) == 16
+    # 33-64 rows per program (s_q 2, 128 heads): the Triton rule, two tiles at least
+    assert tld.splits_for(1, 64, 4096, 132) == 31 and tld.splits_for(1, 128, 4096, 132) == 31
+    assert tld.splits_for(8, 64, 1024, 132) == 8
 
 
 def test_env_overrides_and_bad_config(monkeypatch):

@@ -6,6 +6,11 @@ layer of --layers layers (own inputs each, one graph), interleaved over --rounds
 flush before each replay; every split count's output is first checked against the package
 split count's (bf16: max |diff| reported, different split counts round differently).
 
+Run 1: the package's rule then (two tiles per program at least, rounding ignored) against
+others. Run 2 ran with the planner scoring whole tiles down to one tile per program for every
+row count (commit of "TileLang split planner: one 64-token tile ..."): "(package)" there is that
+rule; it lost with 64-row programs, so the shipped rule applies it only up to 32 rows.
+
 Usage: python run.py [--run2] [--rounds 5] [--iters 10] [--layers 32]  (--run2: the CELLS_RUN2 list)
 """
 
