@@ -237,11 +237,14 @@ def test_backend_warmup_gets_the_engine_sizes(monkeypatch):
         return ["x"]
 
     monkeypatch.setattr(bk.DecodeBackend, "warmup", warmup)
-    eng = GQLAEngine(model(), CFG, decode_path="absorb", max_batch=3, max_seq_len=40, device_spec=H100)
+    # the torch backends named: under TRITON_INTERPRET the engine's choice would be Triton's
+    eng = GQLAEngine(model(), CFG, decode_path="absorb", max_batch=3, max_seq_len=40, device_spec=H100,
+                     decode_backend="torch_absorb")
     assert eng.warmed == ["x"]
     assert seen == [("torch_absorb", 8, torch.float32,
                      dict(max_batch=3, capacity=40, s_q=(1,), len_dtype=torch.long))]
-    GQLAEngine(model(), CFG, decode_path="gqa", max_batch=2, max_seq_len=16, device_spec=H100)
+    GQLAEngine(model(), CFG, decode_path="gqa", max_batch=2, max_seq_len=16, device_spec=H100,
+               decode_backend="torch_gqa")
     assert seen[-1] == ("torch_gqa", 8, torch.float32, dict(max_batch=2, capacity=16, s_q=(1,),
                                                              len_dtype=torch.long))
 

@@ -191,7 +191,8 @@ def test_warmup_gets_every_query_count_decode_uses(k, monkeypatch):
                         lambda self, prep, q_nope, *a: used.add(q_nope.shape[1]) or attend(self, prep, q_nope, *a))
     mw = spec_model(3)
     eng = GQLAEngine(mw, CFG, decode_path="absorb", max_batch=2, max_seq_len=40, device_spec=H100,
-                     speculative=k > 0, num_speculative_tokens=k or None)
+                     speculative=k > 0, num_speculative_tokens=k or None,
+                     decode_backend="torch_absorb")   # also under TRITON_INTERPRET (Triton otherwise)
     eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8))
     assert warmed == [tuple(range(k + 1, 2 * k + 1)) if k else (1,)]
     assert used == set(warmed[0])
