@@ -1,9 +1,14 @@
-"""Shared by the in-process A/B experiments (combine_discard, pdl_combine): build a cell's call
-with the package's bench method, capture it in a CUDA graph, and time several graphs interleaved.
+"""Shared by the in-process experiments: build a cell's call with the package's bench method,
+capture it in a CUDA graph and time several graphs interleaved (combine_discard, pdl_combine,
+splits_per_layer); load a variant of the TileLang kernel module from source text and compare
+absorb-kernel modules against float64 and each other (epilogue_ab, epilogue_split_ab, timeline).
 
 Import with the experiments folder on sys.path (the scripts add it)."""
 
+import importlib.util
+import os
 import statistics
+import tempfile
 
 import torch
 
@@ -96,3 +101,73 @@ def eager_check(kernel, path, shp, xs, dev, variants, set_variant):
                 else:
                     errs[v] = max(errs.get(v, 0.0), (o.float() - ref[i].float()).abs().max().item())
     return ref, errs, note
+
+
+def load_kernel_module(src: str, name: str):
+    """Import TileLang kernel module source ``src`` (the package's tilelang_decode.py, patched or
+    from an older commit) as module ``name`` from a temporary file -- TileLang parses kernel
+    source from the defining file, so the text must live in one; the package file is untouched."""
+    src = src.replace("from . import triton_decode as td", "from gqla_megatron.kernels import triton_decode as td")
+    path = os.path.join(tempfile.mkdtemp(prefix=name + "_"), name + ".py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def absorb_reference(x, S, H):
+    """float64 absorb attention (the maths of gqla_megatron.reference) on bench inputs ``x``."""
+    q, qr, c, kr = (x[k].double() for k in ("q", "q_rope", "c", "k_rope"))
+    T = c.shape[1]
+    s = (torch.einsum("bshr,btr->bsht", q, c) + torch.einsum("bshd,btd->bsht", qr, kr)) * x["scale"]
+    last = x["lengths"].long()[:, None] + torch.arange(S, device=q.device)[None, :]
+    vis = torch.arange(T, device=q.device)[None, None, :] <= last[:, :, None]
+    s = s.masked_fill(~vis[:, :, None, :], float("-inf"))
+    return torch.einsum("bsht,btr->bshr", torch.softmax(s, -1), c)
+
+
+def compare_absorb_modules(variants, checks, cells, dev):
+    """A/B of absorb-kernel modules (``variants``: [(name, module)], the first the baseline; each
+    with the package's ``absorb_decode`` / ``plan_splits``). First ``checks`` (B, L, s_q, splits):
+    ragged lengths, outputs NaN-filled, max |error| of each against float64 printed. Then
+    ``cells`` (B, L, s_q): each timed as the grid does (graph replay, write flush), three times
+    alternating, the middle value kept; the last variant's speed over the first printed."""
+    from gqla_megatron import bench_decode as bd
+
+    rates = bd.measure_rates(dev, copy_mib=1024, gemm_n=8192)
+    print(f"copy {rates['copy_tbps']:.2f} TB/s", flush=True)
+    shp = bd.Shapes(**bd.SHAPES["llama3-8b"])
+    flush = bd.L2Flush(dev, "write")
+    width = max(len(n) for n, _ in variants)
+    for B, L, S, ns in checks:
+        x = bd.make_inputs("absorb", shp, B, L, S, torch.bfloat16, dev, 0, seed=1)
+        x["lengths"] = torch.randint(0, L - S + 1, (B,), device=dev, dtype=x["lengths"].dtype)
+        ref = absorb_reference(x, S, shp.heads)
+        for name, mod in variants:
+            o = torch.full_like(x["q"], float("nan"))
+            mod.absorb_decode(x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"], x["scale"], out=o,
+                              num_splits=ns)
+            print(f"check {name:{width}s} B={B} L={L} s_q={S} splits={ns}: max abs err vs float64 "
+                  f"{(o.double() - ref).abs().max().item():.2e}", flush=True)
+        del x
+    (a, _), (z, last) = variants[0], variants[-1]
+    for B, L, S in cells:
+        x = bd.make_inputs("absorb", shp, B, L, S, torch.bfloat16, dev, 0)
+        out = torch.empty_like(x["q"])
+        nbytes = bd.cache_bytes("absorb", shp, B, L, 2) + bd.qo_bytes("absorb", shp, B, S, 2)
+        ideal = nbytes / (rates["copy_tbps"] * 1e12) * 1e6
+        fns = {name: (lambda mod=mod: mod.absorb_decode(x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"],
+                                                       x["scale"], out=out, max_len=x["L"], validate=False))
+               for name, mod in variants}
+        times = {k: [] for k in fns}
+        for _ in range(3):
+            for name in fns:
+                times[name].append(bd.time_graph(fns[name], dev, warmup=3, iters=30, flush=flush) * 1e6)
+        t = {k: sorted(v)[1] for k, v in times.items()}
+        print(f"B={B:3d} L={L:5d} s_q={S} splits={last.plan_splits(B, S * shp.heads, L, dev):3d}: "
+              + "  ".join(f"{n} {t[n]:7.1f} us ({ideal / t[n]:4.0%} of copy)" for n in fns)
+              + f"  {z}/{a} speed {t[a] / t[z]:.3f}x  ["
+              + " | ".join(" ".join(f"{v:.1f}" for v in times[n]) for n in fns) + "]", flush=True)
+        del x, out

@@ -20,22 +20,21 @@ The GPU test suite did not run on 8787be5 (the session's device time ran out): t
 ran on the same store code, which is the session-6 store loop with the division replaced by a
 per-row reciprocal.
 
-Run (one H200, carry [".tlkit"]): cmd.sh
+Run (one H200, carry [".tlkit"]): cmd.sh. (Since run 1 the checks and timings live in
+``../ab_graphs.py``, shared with epilogue_ab; the same measurements, one print format.)
 """
 
-import importlib.util
 import os
 import sys
-import tempfile
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(HERE, "..", "epilogue_ab"))
+sys.path.insert(0, os.path.dirname(HERE))
 
-from gqla_megatron import bench_decode as bd  # noqa: E402
+from ab_graphs import compare_absorb_modules, load_kernel_module  # noqa: E402
 from gqla_megatron.kernels import tilelang_decode as pkg  # noqa: E402
 
 STAGED = """            for i, j in T.Parallel(BM, H2):
@@ -56,57 +55,17 @@ def load_variant():
     src = open(os.path.join(ROOT, "gqla_megatron", "kernels", "tilelang_decode.py")).read()
     if src.count(STAGED) != 1:
         raise SystemExit("the package kernel's split epilogue changed: update STAGED")
-    src = src.replace(STAGED, REGSTORE).replace("from . import triton_decode as td",
-                                                "from gqla_megatron.kernels import triton_decode as td")
-    path = os.path.join(tempfile.mkdtemp(prefix="tld_regstore_"), "tld_regstore.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location("tld_regstore", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_kernel_module(src.replace(STAGED, REGSTORE), "tld_regstore")
 
 
 def main():
-    from run import reference  # ../epilogue_ab/run.py: float64 absorb attention
-
-    dev = torch.device("cuda")
     var = load_variant()
-    rates = bd.measure_rates(dev, copy_mib=1024, gemm_n=8192)
-    print(f"copy {rates['copy_tbps']:.2f} TB/s", flush=True)
-    shp = bd.Shapes(**bd.SHAPES["llama3-8b"])
-    flush = bd.L2Flush(dev, "write")
-    for B, L, S, ns in ((3, 1000, 1, 3), (2, 4100, 1, 5), (5, 700, 2, 2), (1, 3000, 2, 7)):
-        x = bd.make_inputs("absorb", shp, B, L, S, torch.bfloat16, dev, 0, seed=1)
-        x["lengths"] = torch.randint(0, L - S + 1, (B,), device=dev, dtype=x["lengths"].dtype)
-        ref = reference(x, S, shp.heads)
-        for name, mod in (("staged", pkg), ("regstore", var)):
-            o = torch.full_like(x["q"], float("nan"))
-            mod.absorb_decode(x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"], x["scale"], out=o,
-                              num_splits=ns)
-            print(f"check {name:8s} B={B} L={L} s_q={S} splits={ns}: max abs err vs float64 "
-                  f"{(o.double() - ref).abs().max().item():.2e}", flush=True)
-        del x
-    for B, L, S in ((32, 8192, 1), (8, 32768, 1), (32, 8192, 2), (8, 32768, 2), (1, 8192, 1), (1, 32768, 1),
-                    (8, 4096, 1), (32, 32768, 1)):
-        x = bd.make_inputs("absorb", shp, B, L, S, torch.bfloat16, dev, 0)
-        out = torch.empty_like(x["q"])
-        nbytes = bd.cache_bytes("absorb", shp, B, L, 2) + bd.qo_bytes("absorb", shp, B, S, 2)
-        ideal = nbytes / (rates["copy_tbps"] * 1e12) * 1e6
-        fns = {name: (lambda mod=mod: mod.absorb_decode(x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"],
-                                                       x["scale"], out=out, max_len=x["L"], validate=False))
-               for name, mod in (("staged", pkg), ("regstore", var))}
-        times = {k: [] for k in fns}
-        for _ in range(3):
-            for name in fns:
-                times[name].append(bd.time_graph(fns[name], dev, warmup=3, iters=30, flush=flush) * 1e6)
-        t = {k: sorted(v)[1] for k, v in times.items()}
-        print(f"B={B:3d} L={L:5d} s_q={S} splits={pkg.plan_splits(B, S * shp.heads, L, dev):3d}: staged "
-              f"{t['staged']:7.1f} us ({ideal / t['staged']:4.0%})  regstore {t['regstore']:7.1f} us "
-              f"({ideal / t['regstore']:4.0%})  regstore/staged speed {t['staged'] / t['regstore']:.3f}x  "
-              f"[{' '.join(f'{v:.1f}' for v in times['staged'])} | {' '.join(f'{v:.1f}' for v in times['regstore'])}]",
-              flush=True)
-        del x, out
+    compare_absorb_modules(
+        [("staged", pkg), ("regstore", var)],
+        checks=((3, 1000, 1, 3), (2, 4100, 1, 5), (5, 700, 2, 2), (1, 3000, 2, 7)),
+        cells=((32, 8192, 1), (8, 32768, 1), (32, 8192, 2), (8, 32768, 2), (1, 8192, 1), (1, 32768, 1),
+               (8, 4096, 1), (32, 32768, 1)),
+        dev=torch.device("cuda"))
 
 
 if __name__ == "__main__":

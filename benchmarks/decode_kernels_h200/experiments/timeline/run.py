@@ -27,19 +27,19 @@ direct, 3.7-4.6 us with fp32 split partials; everything else unchanged.
 Run (one H200, carry [".tlkit"]): cmd.sh (run 1); run 2 came from ../epilogue_ab/cmd.sh
 """
 
-import importlib.util
 import os
 import re
 import statistics
 import sys
-import tempfile
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(HERE))
 
+from ab_graphs import load_kernel_module  # noqa: E402
 from gqla_megatron import bench_decode as bd  # noqa: E402
 
 PRELUDE = r'''
@@ -66,7 +66,6 @@ def _sub(src: str, old: str, new: str, count: int = 1) -> str:
 
 def patched_source() -> str:
     src = open(os.path.join(ROOT, "gqla_megatron", "kernels", "tilelang_decode.py")).read()
-    src = src.replace("from . import triton_decode as td", "from gqla_megatron.kernels import triton_decode as td")
     src = _sub(src, "\n    @T.macro\n    def load_tile(", STAMP_MACRO)
     src = _sub(src, "    MAXP = T.dynamic(\"MAXP\")      # paged: block-table width\n",
                "    MAXP = T.dynamic(\"MAXP\")      # paged: block-table width\n"
@@ -101,14 +100,7 @@ def patched_source() -> str:
 
 
 def load_patched():
-    d = tempfile.mkdtemp(prefix="tld_stamped_")
-    path = os.path.join(d, "tld_stamped.py")
-    with open(path, "w") as f:
-        f.write(patched_source())
-    spec = importlib.util.spec_from_file_location("tld_stamped", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_kernel_module(patched_source(), "tld_stamped")
 
 
 def q(xs, p):
