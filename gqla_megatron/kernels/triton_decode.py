@@ -532,7 +532,8 @@ def split_time_tiles(units: int, splits: int, slots: int, max_len: int, block_n:
     give the others more tiles (4096 keys in 31 splits: 22 programs of 3 tiles). In tiles per
     program times waves of the programs that have keys."""
     tiles = -(-max_len // block_n)
-    per = -(-(-(-max_len // splits)) // block_n)       # tiles per program
+    chunk = -(-max_len // splits)                       # keys per split, before rounding
+    per = -(-chunk // block_n)                          # tiles per program
     active = -(-tiles // per)
     return -(-(units * active) // slots) * per
 
