@@ -305,7 +305,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
         K1_pe = T.alloc_shared([BN, dr], dtype)
         P_s = T.alloc_shared([BM, BN], dtype)
         alpha_s = T.alloc_shared([BM], acc)
-        l_s = T.alloc_shared([BM], acc)       # 1 / l per row, for "right"'s half of the output
+        inv_s = T.alloc_shared([BM], acc)     # 1 / l per row, for "right"'s half of the output
         # direct output staging after the KV loop (``store``), over the latent ring: each warpgroup
         # writes over the half only it and the score products read
         st_l, st_r = K0_l, K0_r
@@ -406,7 +406,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                     T.barrier_arrive(empty[1])
             for i in T.Parallel(BM):
                 inv_l[i] = T.if_then_else(l_i[i] > 0, 1.0 / l_i[i], 1.0)
-            T.copy(inv_l, l_s)
+            T.copy(inv_l, inv_s)
             T.barrier_arrive(done[0])
             # direct: staging over K0_l: every tile has landed and been read (no other reader);
             # "right" stages over K0_r, which the score products read, after ``done``
@@ -427,7 +427,7 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
                     T.barrier_arrive(p_free[0])
                     T.barrier_arrive(empty[1])
             T.barrier_wait(done[0], 0)
-            store(OUT, LSE, acc_r, st_r, l_s, l_s, m_i, b, pid_m, pid_p, H2, False, qk_scale)
+            store(OUT, LSE, acc_r, st_r, inv_s, inv_s, m_i, b, pid_m, pid_p, H2, False, qk_scale)
 
     if direct:
         @T.prim_func
