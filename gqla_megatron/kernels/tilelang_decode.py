@@ -44,7 +44,6 @@ compiles two kernels (split + direct) once (seconds each, cached on disk by Tile
 # (tensor shapes built from closure variables) at definition time
 import functools
 import math
-import os
 from typing import List, Optional
 
 import torch
@@ -52,10 +51,6 @@ from torch import Tensor
 
 BLOCK_M = 64
 BLOCK_N = 64
-SWAP_ROWS = 32      # query rows per program of the swapped-operand kernel (build_absorb_swap_program)
-SWAP = os.environ.get("GQLA_TILELANG_SWAP", "0") == "1"
-"""Calls with at most ``SWAP_ROWS`` query rows per sequence run the swapped-operand kernel (no
-padded wgmma rows). Read per call; off by default until measured."""
 THREADS = 384       # producer warpgroup + "scores" warpgroup + "right" warpgroup
 WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
 # keys per split at least: one 64-token tile where a program has <= 32 query rows (its 64-row tile
@@ -456,239 +451,6 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
     return main
 
 
-def build_absorb_swap_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool):
-    """``build_absorb_program`` for programs of at most ``SWAP_ROWS`` (32) query rows, with the
-    operands of both products swapped so no ``wgmma`` row is padding.
-
-    ``wgmma`` tiles are 64 rows tall: with 32 query rows (32 heads, s_q 1) the row-major kernel
-    computes 64-row score and output tiles of which half are zeros -- and at 32 rows its KV loop
-    is near the tensor-core rate (1.9 us per 64-token tile with 32 programs alone vs 2.1-2.3 us
-    with 128 streaming, benchmarks/decode_kernels_h200/experiments/timeline run 2). Here the
-    token axis is the 64-row side instead:
-      scores  S^T (64 tokens x 32 rows) = c_tile . q^T        (m64 n32, K = r + d_r)
-      output  O^T (r/2 x 32 rows) += c_tile[:, half]^T . P^T   (4 x m64 n32, K = 64 tokens)
-    so the tensor work per tile halves, the softmax reduces along the token axis (dim 0 of the
-    fragment: across lanes and the warpgroup's 4 warps), and each consumer warpgroup holds a
-    r/2 x 32 fp32 output (64 registers per thread instead of 128). Roles, barriers, ring and
-    masking are those of ``build_absorb_program``; P is stored as (rows x tokens) in shared
-    memory. Direct output is staged in its own (32 x r/2) shared tiles."""
-    import tilelang.language as T
-
-    BQ, BN = SWAP_ROWS, BLOCK_N
-    H2 = r // 2
-    acc = "float32"
-    NEG = -T.infinity(acc)
-    paged = page > 0
-    if paged and page % BN:
-        raise ValueError(f"page size {page} must be a multiple of the {BN}-token tile")
-    B = T.dynamic("B")
-    rows = T.dynamic("ROWS")
-    NSPLIT = T.dynamic("NSPLIT")
-    TC = T.dynamic("TC")
-    MAXP = T.dynamic("MAXP")
-    cache_rows = page if paged else TC
-    cache_lead = TC if paged else B
-    NO_TMA = {"disable_tma": True}
-
-    @T.macro
-    def load_tile(C, KR, BT, b, k0, K_l, K_r, K_pe, bars, s):
-        if paged:
-            pg = BT[b, k0 // page]
-            T.tma_copy(C[pg, k0 % page:k0 % page + BN, 0:H2], K_l, barrier=bars[s])
-            T.tma_copy(C[pg, k0 % page:k0 % page + BN, H2:r], K_r, barrier=bars[s])
-            T.tma_copy(KR[pg, k0 % page:k0 % page + BN, :], K_pe, barrier=bars[s])
-        else:
-            T.tma_copy(C[b, k0:k0 + BN, 0:H2], K_l, barrier=bars[s])
-            T.tma_copy(C[b, k0:k0 + BN, H2:r], K_r, barrier=bars[s])
-            T.tma_copy(KR[b, k0:k0 + BN, :], K_pe, barrier=bars[s])
-        T.barrier_arrive(bars[s])
-
-    @T.macro
-    def qk_issue(Q_l, Q_r, Q_pe, K_l, K_r, K_pe, acc_s):
-        # S^T = c . q^T: A = the latent tile (tokens x width, K-major), B = the query (rows x width)
-        T.clear(acc_s)
-        T.wgmma_gemm(K_l, Q_l, acc_s, transpose_B=True)
-        T.wgmma_gemm(K_r, Q_r, acc_s, transpose_B=True)
-        T.wgmma_gemm(K_pe, Q_pe, acc_s, transpose_B=True)
-
-    @T.macro
-    def qk_fix(K_l, K_r, acc_s, k0, end, lim, full_to):
-        if k0 + BN > full_to:
-            for j, i in T.Parallel(BN, BQ):
-                acc_s[j, i] = T.if_then_else(k0 + j < lim[i], acc_s[j, i], NEG)
-        if k0 + BN > end:
-            for i, j in T.Parallel(BN, H2):
-                if k0 + i >= end:
-                    K_l[i, j] = T.cast(0, dtype)
-                    K_r[i, j] = T.cast(0, dtype)
-            T.fence_proxy_async()
-
-    @T.macro
-    def store(OUT, LSE, o, stage, inv, l, m, b, pid_m, pid_p, col, with_lse, qk_scale):
-        # o: this warpgroup's O^T half (r/2 x 32), unnormalised
-        m0 = pid_m * BQ
-        if direct:
-            for d, i in T.Parallel(H2, BQ):
-                stage[i, d] = T.cast(o[d, i] * inv[i], dtype)
-            T.copy(stage, OUT[b, m0:m0 + BQ, col:col + H2], annotations=NO_TMA)
-        else:
-            for d, i in T.Parallel(H2, BQ):
-                if m0 + i < rows:
-                    OUT[b, m0 + i, pid_p, col + d] = o[d, i] * inv[i]
-            if with_lse:
-                for i in T.Parallel(BQ):
-                    if m0 + i < rows:
-                        LSE[b, m0 + i, pid_p] = T.if_then_else(
-                            l[i] > 0, m[i] * qk_scale + T.log2(l[i]), NEG)
-
-    @T.macro
-    def kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, nsplit, pid_p, pid_m, b, OUT, LSE):
-        Q_l = T.alloc_shared([BQ, H2], dtype)
-        Q_r = T.alloc_shared([BQ, H2], dtype)
-        Q_pe = T.alloc_shared([BQ, dr], dtype)
-        K0_l = T.alloc_shared([BN, H2], dtype)
-        K0_r = T.alloc_shared([BN, H2], dtype)
-        K0_pe = T.alloc_shared([BN, dr], dtype)
-        K1_l = T.alloc_shared([BN, H2], dtype)
-        K1_r = T.alloc_shared([BN, H2], dtype)
-        K1_pe = T.alloc_shared([BN, dr], dtype)
-        P_s = T.alloc_shared([BQ, BN], dtype)
-        alpha_s = T.alloc_shared([BQ], acc)
-        inv_s = T.alloc_shared([BQ], acc)
-        st_l = T.alloc_shared([BQ, H2], dtype)
-        st_r = T.alloc_shared([BQ, H2], dtype)
-
-        acc_s = T.alloc_fragment([BN, BQ], acc)
-        l_acc = T.alloc_fragment([BN, BQ], acc)
-        lim = T.alloc_fragment([BQ], "int32")
-        m_sc = T.alloc_fragment([BQ], acc)
-        acc_l = T.alloc_fragment([H2, BQ], acc)
-        acc_r = T.alloc_fragment([H2, BQ], acc)
-        m_i = T.alloc_fragment([BQ], acc)
-        m_prev = T.alloc_fragment([BQ], acc)
-        alpha = T.alloc_fragment([BQ], acc)
-        l_i = T.alloc_fragment([BQ], acc)
-        inv_l = T.alloc_fragment([BQ], acc)
-
-        bar_q = T.alloc_barrier(128)
-        full = T.alloc_barrier([128, 128])
-        empty = T.alloc_barrier([256, 256])
-        p_ready = T.alloc_barrier(128)
-        p_free = T.alloc_barrier(128)
-        done = T.alloc_barrier(128)
-
-        L = T.cast(LENS[b], "int32")
-        n_keys = T.min(L + rows // heads, cap)
-        chunk = T.ceildiv(T.ceildiv(n_keys, nsplit), BN) * BN
-        start = pid_p * chunk
-        end = T.min(start + chunk, n_keys)
-        n_iter = T.ceildiv(T.max(end - start, 0), BN)
-        tx = T.get_thread_binding()
-
-        if tx >= 256:
-            T.set_max_nreg(80, 0)
-            T.tma_copy(Q[b, pid_m * BQ:pid_m * BQ + BQ, 0:H2], Q_l, barrier=bar_q[0])
-            T.tma_copy(Q[b, pid_m * BQ:pid_m * BQ + BQ, H2:r], Q_r, barrier=bar_q[0])
-            T.tma_copy(QR[b, pid_m * BQ:pid_m * BQ + BQ, :], Q_pe, barrier=bar_q[0])
-            T.barrier_arrive(bar_q[0])
-            for i in T.serial(T.ceildiv(n_iter, 2)):
-                k0 = start + 2 * i * BN
-                T.barrier_wait(empty[0], (i & 1) ^ 1)
-                load_tile(C, KR, BT, b, k0, K0_l, K0_r, K0_pe, full, 0)
-                if 2 * i + 1 < n_iter:
-                    T.barrier_wait(empty[1], (i & 1) ^ 1)
-                    load_tile(C, KR, BT, b, k0 + BN, K1_l, K1_r, K1_pe, full, 1)
-        elif tx < 128:
-            T.set_max_nreg(240, 1)
-            T.fill(acc_l, 0)
-            T.fill(l_acc, 0)
-            T.fill(m_i, NEG)
-            full_to = T.min(end, L + 1)
-            for i in T.Parallel(BQ):
-                lim[i] = T.min(end, L + 1 + (pid_m * BQ + i) // heads)
-            T.barrier_wait(bar_q[0], 0)
-            for t in T.serial(n_iter):
-                k0 = start + t * BN
-                T.barrier_wait(full[t % 2], (t // 2) & 1)
-                if t % 2 == 0:
-                    qk_issue(Q_l, Q_r, Q_pe, K0_l, K0_r, K0_pe, acc_s)
-                    T.wait_wgmma(0)
-                    qk_fix(K0_l, K0_r, acc_s, k0, end, lim, full_to)
-                else:
-                    qk_issue(Q_l, Q_r, Q_pe, K1_l, K1_r, K1_pe, acc_s)
-                    T.wait_wgmma(0)
-                    qk_fix(K1_l, K1_r, acc_s, k0, end, lim, full_to)
-                T.copy(m_i, m_prev)
-                T.reduce_max(acc_s, m_i, dim=0, clear=False, batch=BQ // 4)
-                for i in T.Parallel(BQ):
-                    alpha[i] = T.if_then_else(m_i[i] == NEG, 1.0, T.exp2((m_prev[i] - m_i[i]) * qk_scale))
-                    m_sc[i] = T.if_then_else(m_i[i] == NEG, 0.0, m_i[i] * qk_scale)
-                # l is kept per fragment element (each thread's running sum of its own tokens,
-                # rescaled by the shared alpha) and reduced over the token axis once, after the loop
-                for j, i in T.Parallel(BN, BQ):
-                    acc_s[j, i] = T.exp2(acc_s[j, i] * qk_scale - m_sc[i])
-                    l_acc[j, i] = l_acc[j, i] * alpha[i] + acc_s[j, i]
-                if t > 0:
-                    T.barrier_wait(p_free[0], (t - 1) & 1)
-                for j, i in T.Parallel(BN, BQ):
-                    P_s[i, j] = T.cast(acc_s[j, i], dtype)
-                T.copy(alpha, alpha_s)
-                T.fence_proxy_async()
-                T.barrier_arrive(p_ready[0])
-                for d, i in T.Parallel(H2, BQ):
-                    acc_l[d, i] *= alpha[i]
-                if t % 2 == 0:
-                    T.gemm(K0_l, P_s, acc_l, transpose_A=True, transpose_B=True)
-                    T.barrier_arrive(empty[0])
-                else:
-                    T.gemm(K1_l, P_s, acc_l, transpose_A=True, transpose_B=True)
-                    T.barrier_arrive(empty[1])
-            T.reduce_sum(l_acc, l_i, dim=0, batch=BQ // 4)
-            for i in T.Parallel(BQ):
-                inv_l[i] = T.if_then_else(l_i[i] > 0, 1.0 / l_i[i], 1.0)
-            T.copy(inv_l, inv_s)
-            T.barrier_arrive(done[0])
-            store(OUT, LSE, acc_l, st_l, inv_l, l_i, m_i, b, pid_m, pid_p, 0, True, qk_scale)
-        else:
-            T.set_max_nreg(168, 1)
-            T.fill(acc_r, 0)
-            for t in T.serial(n_iter):
-                T.barrier_wait(p_ready[0], t & 1)
-                for d, i in T.Parallel(H2, BQ):
-                    acc_r[d, i] *= alpha_s[i]
-                if t % 2 == 0:
-                    T.gemm(K0_r, P_s, acc_r, transpose_A=True, transpose_B=True)
-                    T.barrier_arrive(p_free[0])
-                    T.barrier_arrive(empty[0])
-                else:
-                    T.gemm(K1_r, P_s, acc_r, transpose_A=True, transpose_B=True)
-                    T.barrier_arrive(p_free[0])
-                    T.barrier_arrive(empty[1])
-            T.barrier_wait(done[0], 0)
-            store(OUT, LSE, acc_r, st_r, inv_s, inv_s, m_i, b, pid_m, pid_p, H2, False, qk_scale)
-
-    if direct:
-        @T.prim_func
-        def main(Q: T.Tensor((B, rows, r), dtype), QR: T.Tensor((B, rows, dr), dtype),
-                 C: T.Tensor((cache_lead, cache_rows, r), dtype),
-                 KR: T.Tensor((cache_lead, cache_rows, dr), dtype),
-                 LENS: T.Tensor((B,), len_dtype), BT: T.Tensor((B, MAXP), "int32"),
-                 OUT: T.Tensor((B, rows, r), dtype), qk_scale: T.float32, heads: T.int32, cap: T.int32):
-            with T.Kernel(1, T.ceildiv(rows, BQ), B, threads=THREADS) as (pid_p, pid_m, b):
-                kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, 1, pid_p, pid_m, b, OUT, OUT)
-    else:
-        @T.prim_func
-        def main(Q: T.Tensor((B, rows, r), dtype), QR: T.Tensor((B, rows, dr), dtype),
-                 C: T.Tensor((cache_lead, cache_rows, r), dtype),
-                 KR: T.Tensor((cache_lead, cache_rows, dr), dtype),
-                 LENS: T.Tensor((B,), len_dtype), BT: T.Tensor((B, MAXP), "int32"),
-                 OPART: T.Tensor((B, rows, NSPLIT, r), acc), LSE: T.Tensor((B, rows, NSPLIT), acc),
-                 qk_scale: T.float32, heads: T.int32, cap: T.int32):
-            with T.Kernel(NSPLIT, T.ceildiv(rows, BQ), B, threads=THREADS) as (pid_p, pid_m, b):
-                kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, NSPLIT, pid_p, pid_m, b, OPART, LSE)
-    return main
-
-
 def kernel_args(r: int, dr: int, dtype: torch.dtype, len_dtype: torch.dtype, page: int) -> dict:
     """``compile_absorb`` arguments (all but ``direct``) for calls with these widths, cache dtype,
     lengths dtype and page size (0 = contiguous): the one mapping ``absorb_decode`` and the
@@ -698,13 +460,12 @@ def kernel_args(r: int, dr: int, dtype: torch.dtype, len_dtype: torch.dtype, pag
 
 @functools.lru_cache(maxsize=64)
 def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                   target: Optional[str] = None, swap: bool = False):
+                   target: Optional[str] = None):
     """Compiled kernel (TileLang JIT; its disk cache makes repeats cheap). ``target`` None =
     the current GPU; an arch such as "sm_90a" compiles offline (tests on machines without a GPU)."""
     import tilelang
 
-    build = build_absorb_swap_program if swap else build_absorb_program
-    prog = build(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
+    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
     kw = {} if target is None else {"target": {"kind": "cuda", "arch": target}}
     return tilelang.compile(prog, **kw)
 
@@ -745,8 +506,6 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
     nsplit = num_splits or plan_splits(B, rows, max_len or cap, q_abs.device)
     bt = block_table if block_table is not None else _dummy_table(q_abs.device, B)
     common = kernel_args(R, DR, q_abs.dtype, lengths.dtype, page)
-    if SWAP and rows <= SWAP_ROWS:
-        common["swap"] = True
     qk_scale = float(softmax_scale) * math.log2(math.e)
     if nsplit == 1:
         o2 = out.view(B, rows, R) if out.is_contiguous() else torch.empty(B, rows, R, dtype=out.dtype,

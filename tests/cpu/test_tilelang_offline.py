@@ -139,15 +139,13 @@ def offline():
     return nvcc
 
 
-@pytest.mark.parametrize("page,direct,swap", [(0, False, False), (0, True, False), (64, False, False),
-                                              (0, False, True), (0, True, True), (64, False, True)],
-                         ids=["contiguous-split", "contiguous-direct", "paged64-split", "swap-contiguous-split",
-                              "swap-contiguous-direct", "swap-paged64-split"])
-def test_compiles_for_sm90a_warp_specialised_without_spills(offline, page, direct, swap):
+@pytest.mark.parametrize("page,direct", [(0, False), (0, True), (64, False)],
+                         ids=["contiguous-split", "contiguous-direct", "paged64-split"])
+def test_compiles_for_sm90a_warp_specialised_without_spills(offline, page, direct):
     import tilelang
 
     kern = tld.compile_absorb(r=512, dr=64, dtype="bfloat16", len_dtype="int32", page=page,
-                              direct=direct, target="sm_90a", swap=swap)
+                              direct=direct, target="sm_90a")
     src = kern.get_kernel_source()
     assert "__launch_bounds__(384" in src, "expected 3 warpgroups: producer, scores, right half"
     for desc in ("C_desc", "KR_desc", "Q_desc", "QR_desc"):

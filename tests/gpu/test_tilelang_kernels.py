@@ -53,34 +53,6 @@ def test_tilelang_absorb_real_shapes(H, S, layout, dtype, len_dtype):
         assert_close_report(name, got, want, **TOL)
 
 
-# the swapped-operand kernel (tilelang_decode.build_absorb_swap_program) serves calls of at most
-# SWAP_ROWS query rows per sequence: 32 heads at s_q 1, and fewer heads at s_q 2-4 (rows s * H + h,
-# each row with its own causal limit inside the program), 16 rows (half the program padding)
-SWAP_CASES = [(32, 1, "contiguous"), (32, 1, "paged64"), (16, 2, "contiguous"), (8, 4, "paged128"),
-              (16, 1, "contiguous"), (8, 3, "contiguous")]
-
-
-@pytest.mark.parametrize("H,S,layout", SWAP_CASES, ids=[f"h{h}-s{s}-{lay}" for h, s, lay in SWAP_CASES])
-def test_tilelang_absorb_swapped_operands(H, S, layout, monkeypatch):
-    from gqla_megatron.kernels import tilelang_decode as tld
-
-    monkeypatch.setattr(tld, "SWAP", True)
-    assert H * S <= tld.SWAP_ROWS
-    calls = []
-    real = tld.compile_absorb
-    monkeypatch.setattr(tld, "compile_absorb", lambda **kw: calls.append(kw) or real(**kw))
-    q, qr, c, kr, lengths, scale, table, want = absorb_case(H, S, layout, torch.bfloat16, 7000 + 10 * H + S,
-                                                            torch.int32)
-    for splits in (None, 1, 7):
-        out = torch.full(want.shape, float("nan"), dtype=torch.bfloat16, device=_dev())
-        got = tld.absorb_decode(q, qr, c, kr, lengths, scale, block_table=table, out=out, num_splits=splits)
-        torch.cuda.synchronize()
-        name = f"tilelang swapped absorb H={H} s_q={S} {layout} splits={splits}"
-        assert got is out and bool(torch.isfinite(got).all()), f"{name}: non-finite output"
-        assert_close_report(name, got, want, **TOL)
-    assert calls and all(kw.get("swap") for kw in calls), calls
-
-
 def test_tilelang_absorb_rejects_small_pages():
     from gqla_megatron.kernels import tilelang_decode as tld
 
