@@ -6,6 +6,7 @@ of one layer, on a grid of batch B x context L x s_q x path.
     gqla-bench decode --shapes h128 --path absorb --out /tmp/b128      # 128-head absorb
     gqla-bench decode --sweep --out /tmp/sweep              # tile/warp/stage/split sweep
     gqla-bench decode --no-cuda-graphs --out /tmp/eager      # eager launches instead of graph replays
+    gqla-bench targets bench_out other_run/decode_bench.json  # issue #6's targets over saved runs
     python -m gqla_megatron.bench_decode ...                # same without the entry point
 
 Per cell: L cached keys per sequence (all sequences the same length; the s_q new tokens are the
@@ -54,7 +55,9 @@ SDPA / flex gqa formulations, which read more) plus q and o; a row-block re-read
 (absorb at h_q * s_q > 64 rows) is not counted. FLOPs = 2 B s_q h_q L (d_qk + d_v) with
 d_qk = r + d_r, d_v = r (absorb) or d_n + d_r, d_v (gqa); causal trimming ignored.
 
-Outputs in --out: decode_bench.json (everything), decode_bench.md (one table per path), and
+Outputs in --out: decode_bench.json (everything), decode_bench.md (one table per path, then issue
+#6's targets: the cells that meet each and, for each miss, the ceiling -- bytes or FLOPs at the
+measured rate plus the one-kernel launch floor -- that the run's timing leaves it), and
 decode_bench.png (TB/s vs L per B and s_q, triton vs the best peer; needs matplotlib).
 """
 
@@ -636,6 +639,113 @@ def summarize(rows: List[dict]) -> List[dict]:
     return out
 
 
+# ------------------------------------------------------------------------------------------
+# targets (issue #6): which cells of a run meet them, and which could not under its timing
+# ------------------------------------------------------------------------------------------
+TARGETS = (
+    ("memory", "memory-bound cells with B x L >= 256k tokens: >= 90 % of the copy rate"),
+    ("b1", "B = 1, L >= 8k: >= 60 % of the copy rate"),
+    ("peer", "every cell >= 1.0x the best stock peer"),
+    ("bmm", "absorb >= 2.5x the batched-matmul peer"),
+    ("compute", "compute-bound absorb cells (h_q x s_q >= 128): >= 70 % of the matmul rate"),
+)
+
+
+def _ours(s: dict) -> Optional[Tuple[str, dict]]:
+    """(kernel, row) of the fastest of our kernels that ran in a summary cell."""
+    ok = [(k, s.get(k)) for k in KERNELS if s.get(k) and s[k].get("status") == "ok"]
+    return min(ok, key=lambda kr: kr[1]["time_us"]) if ok else None
+
+
+def ceiling(row: dict, rates: dict, per_layer: bool, of: str = "copy") -> Optional[float]:
+    """The % of the copy (``of="copy"``) or matmul rate this row's cell could reach at most under
+    the run's timing: the bytes (or FLOPs) at the measured rate plus the launch floor of one
+    kernel -- a call that streams at the copy rate from its first nanosecond, with no split
+    combine and no tail. None where the run measured no floor (eager timing, CPU)."""
+    floor = rates.get("floor1_layer_us" if per_layer else "floor1_us")
+    if floor is None:
+        return None
+    busy = row["time_us"] * (row["pct_copy"] if of == "copy" else row["pct_gemm"]) / 100
+    return 100 * busy / (busy + floor)
+
+
+def targets(result: dict) -> List[dict]:
+    """Issue #6's targets over one run (``gqla-bench decode`` result): per target and path, the
+    cells it applies to, how many meet it, and each miss with our best kernel's figure and (for
+    the rate targets) the ``ceiling`` the run's launch floor leaves. A cell is memory-bound when
+    its bytes at the copy rate take longer than its FLOPs at the matmul rate (% copy >= % matmul)."""
+    rates = result["rates"]
+    per_layer = result.get("layers", 1) > 1
+    heads = result["shapes"]["heads"]
+    out = []
+    for key, text in TARGETS:
+        for path in sorted({s["path"] for s in result["summary"]}):
+            cells, misses = 0, []
+            for s in sorted((s for s in result["summary"] if s["path"] == path),
+                            key=lambda s: (s["s_q"], s["B"], s["L"])):
+                best = _ours(s)
+                if best is None:
+                    continue
+                kernel, row = best
+                cell = f"B={s['B']} L={s['L']} s_q={s['s_q']}"
+                if key == "memory":
+                    applies = s["B"] * s["L"] >= 256 * 1024 and row["pct_copy"] >= row["pct_gemm"]
+                    value, need, unit, of = row["pct_copy"], 90.0, "% copy", "copy"
+                elif key == "b1":
+                    applies = s["B"] == 1 and s["L"] >= 8192
+                    value, need, unit, of = row["pct_copy"], 60.0, "% copy", "copy"
+                elif key == "peer":
+                    applies = s.get("best_peer_us") is not None
+                    value = s["best_peer_us"] / row["time_us"] if applies else None
+                    need, unit, of = 1.0, "x best peer", None
+                elif key == "bmm":
+                    bmm = next((r for r in result["rows"] if r["path"] == path and r["B"] == s["B"]
+                                and r["L"] == s["L"] and r["s_q"] == s["s_q"] and r["method"] == "bmm"
+                                and r.get("status") == "ok"), None)
+                    applies = path == "absorb" and bmm is not None
+                    value = bmm["time_us"] / row["time_us"] if applies else None
+                    need, unit, of = 2.5, "x bmm", None
+                else:
+                    applies = path == "absorb" and heads * s["s_q"] >= 128
+                    value, need, unit, of = row["pct_gemm"], 70.0, "% matmul", "gemm"
+                if not applies:
+                    continue
+                cells += 1
+                if value < need:
+                    miss = {"cell": cell, "kernel": kernel, "value": value, "unit": unit}
+                    if of:
+                        miss["ceiling"] = ceiling(row, rates, per_layer, of)
+                    misses.append(miss)
+            if cells:
+                out.append({"target": key, "text": text, "path": path, "cells": cells,
+                            "met": cells - len(misses), "misses": misses})
+    return out
+
+
+def targets_markdown(result: dict, title: str = "## Targets (issue #6)") -> List[str]:
+    """Markdown lines of ``targets``: one row per target and path, misses with their ceilings."""
+    rows = targets(result)
+    if not rows:
+        return []
+    per_layer = result.get("layers", 1) > 1
+    floor = result["rates"].get("floor1_layer_us" if per_layer else "floor1_us")
+    lines = [title, "",
+             "Our best kernel per cell (triton or tilelang). Ceiling: the most a cell could reach under "
+             "this run's timing -- its bytes (FLOPs) at the measured copy (matmul) rate plus the launch "
+             "floor of one kernel"
+             + (f" ({floor:.2f} us {'per layer' if per_layer else 'per call'})" if floor is not None else
+                " (not measured in this run)")
+             + "; a miss whose ceiling is below the target cannot meet it as timed here.", "",
+             "| target | path | met | misses: cell, kernel, value (ceiling) |", "|---|---|---:|---|"]
+    for t in rows:
+        miss = "; ".join(f"{m['cell']} {m['kernel']} {m['value']:.{2 if 'x' in m['unit'] else 0}f}"
+                         f"{'' if 'x' in m['unit'] else ' %'}"
+                         + (f" ({m['ceiling']:.0f} %)" if m.get("ceiling") is not None else "")
+                         for m in t["misses"]) or "-"
+        lines.append(f"| {t['text']} | {t['path']} | {t['met']} of {t['cells']} | {miss} |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     r = result["rates"]
     lines = [f"# Decode attention, one layer, one step ({result['device']})", "",
@@ -690,6 +800,7 @@ def markdown(result: dict) -> str:
                          f"{fmt(s['best_peer_us'] / t['time_us'] if s['best_peer_us'] else None, '.2f')} | "
                          f"{fmt(t.get('rel_l2_vs_bmm'), '.1e')} |" + layers_of(s))
         lines.append("")
+    lines += targets_markdown(result)
     eager = sorted({(r["method"], r["path"], r["timing_note"]) for r in result["rows"] if r.get("timing_note")})
     if eager:
         lines += ["## Methods timed eagerly (graph capture failed)", ""]
@@ -899,6 +1010,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_args(d)
     d.set_defaults(handler=_cmd_decode, subparser=d)
     return d
+
+
+def add_targets_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``targets`` (issue #6's targets over saved runs) on a subparsers object."""
+    t = subparsers.add_parser(
+        "targets", help="issue #6's decode targets over saved `gqla-bench decode` runs",
+        description="Read decode_bench.json files (or the --out folders holding them) of earlier "
+                    "`gqla-bench decode` runs and print, per run, which cells meet each target of "
+                    "issue #6 and the ceiling the run's launch floor leaves each miss (markdown).")
+    t.add_argument("runs", nargs="+", help="decode_bench.json files or folders that hold one")
+    t.add_argument("--out", default=None, help="also write the markdown to this file")
+    t.set_defaults(handler=_cmd_targets, subparser=t)
+    return t
+
+
+def _cmd_targets(args, parser) -> int:
+    files = [os.path.join(r, "decode_bench.json") if os.path.isdir(r) else r for r in args.runs]
+    if missing := [f for f in files if not os.path.isfile(f)]:
+        parser.error(f"no decode_bench.json at {', '.join(missing)}")
+    lines = []
+    for f in files:
+        with open(f) as fh:
+            try:
+                res = json.load(fh)
+            except json.JSONDecodeError as e:
+                parser.error(f"{f} is not JSON: {e}")
+        if not isinstance(res, dict) or not {"summary", "rows", "rates", "shapes"} <= set(res):
+            parser.error(f"{f} is not a `gqla-bench decode` result (summary, rows, rates, shapes)")
+        per = f"per layer of {res['layers']}" if res.get("layers", 1) > 1 else "one call"
+        lines += targets_markdown(res, title=f"## {f} ({res.get('shapes_name')}, {per}"
+                                             f"{'' if res.get('complete', True) else ', INCOMPLETE'})")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        _write_atomic(args.out, text + "\n")
+    return 0
 
 
 def _cmd_decode(args, parser) -> int:

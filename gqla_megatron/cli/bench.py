@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="x axis of the --png plot (default context)")
     r.set_defaults(handler=_cmd_roofline, subparser=r)
     from gqla_megatron.bench_decode import add_parser as add_decode_parser
+    from gqla_megatron.bench_decode import add_targets_parser
     add_decode_parser(sub)
+    add_targets_parser(sub)
     return p
 
 

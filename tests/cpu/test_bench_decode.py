@@ -153,3 +153,79 @@ def test_decode_bench_layers_one_is_the_single_call(tmp_path, monkeypatch):
     res = json.loads((out / "decode_bench.json").read_text())
     assert res["layers"] == 1 and "**per layer**" not in (out / "decode_bench.md").read_text()
     assert all(r["layers"] == 1 for r in res["rows"] if r["status"] == "ok")
+
+
+def _row(path, B, L, S, method, time_us, pct_copy=50.0, pct_gemm=10.0):
+    return {"path": path, "B": B, "L": L, "s_q": S, "method": method, "status": "ok", "time_us": time_us,
+            "pct_copy": pct_copy, "pct_gemm": pct_gemm, "layers": 1}
+
+
+def _result(rows, heads=32, floor=3.0, layers=1):
+    rates = {"copy_tbps": 4.0, "gemm_tflops": 800.0}
+    if floor is not None:
+        rates.update(floor1_us=floor, floor1_layer_us=floor / 2)
+    return {"rows": rows, "summary": bench_decode.summarize(rows), "rates": rates, "layers": layers,
+            "shapes": dict(bench_decode.SHAPES["llama3-8b"], heads=heads), "shapes_name": "test"}
+
+
+def test_targets_count_cells_and_report_ceilings():
+    rows = [
+        # memory-bound, B x L = 256k: tilelang (faster than triton) at 91 % meets the 90 % target
+        _row("absorb", 8, 32768, 1, "triton", 100.0, 70.0), _row("absorb", 8, 32768, 1, "tilelang", 80.0, 91.0),
+        _row("absorb", 8, 32768, 1, "bmm", 150.0),                      # 1.875x bmm: a miss of the 2.5x target
+        # B = 1 x 8k at 20 % of copy in 10 us: 2 us of bytes, ceiling 2 / (2 + 3) = 40 % with a 3 us floor
+        _row("absorb", 1, 8192, 1, "tilelang", 10.0, 20.0), _row("absorb", 1, 8192, 1, "bmm", 30.0),
+        # gqa: 85 % in a memory-bound cell misses; the peer is faster: a peer-target miss
+        _row("gqa", 32, 8192, 1, "triton", 100.0, 85.0), _row("gqa", 32, 8192, 1, "sdpa_cudnn", 90.0),
+        # B x L < 256k: not a memory-target cell
+        _row("gqa", 8, 1024, 1, "triton", 10.0, 30.0),
+    ]
+    got = {(t["target"], t["path"]): t for t in bench_decode.targets(_result(rows))}
+    mem = got[("memory", "absorb")]
+    assert (mem["cells"], mem["met"], mem["misses"]) == (1, 1, [])
+    b1 = got[("b1", "absorb")]
+    assert (b1["cells"], b1["met"]) == (1, 0)
+    assert b1["misses"][0]["kernel"] == "tilelang" and b1["misses"][0]["ceiling"] == pytest.approx(40.0)
+    bmm = got[("bmm", "absorb")]
+    assert (bmm["cells"], bmm["met"]) == (2, 1) and bmm["misses"][0]["value"] == pytest.approx(1.875)
+    assert got[("memory", "gqa")]["misses"][0]["value"] == 85.0
+    peer = got[("peer", "gqa")]
+    assert (peer["cells"], peer["met"]) == (1, 0) and peer["misses"][0]["value"] == pytest.approx(0.9)
+    assert ("compute", "absorb") not in got                          # 32 heads x s_q 1 < 128 rows
+    # per layer: the per-layer floor (1.5 us here) sets the ceiling
+    per_layer = {(t["target"], t["path"]): t for t in bench_decode.targets(_result(rows, layers=32))}
+    assert per_layer[("b1", "absorb")]["misses"][0]["ceiling"] == pytest.approx(100 * 2 / 3.5)
+    # no floor measured (eager timing): misses carry no ceiling
+    eager = {(t["target"], t["path"]): t for t in bench_decode.targets(_result(rows, floor=None))}
+    assert eager[("b1", "absorb")]["misses"][0]["ceiling"] is None
+
+
+def test_targets_compute_bound_cells_at_128_heads():
+    rows = [_row("absorb", 32, 32768, 1, "tilelang", 1000.0, 30.0, 72.0),   # compute-bound, meets 70 %
+            _row("absorb", 8, 4096, 1, "tilelang", 50.0, 20.0, 35.0)]
+    got = {(t["target"], t["path"]): t for t in bench_decode.targets(_result(rows, heads=128))}
+    comp = got[("compute", "absorb")]
+    assert (comp["cells"], comp["met"]) == (2, 1)
+    # 35 % of the matmul rate over 50 us is 17.5 us of FLOPs: ceiling 17.5 / (17.5 + 3)
+    assert comp["misses"][0]["ceiling"] == pytest.approx(100 * 17.5 / 20.5)
+    assert ("memory", "absorb") not in got                          # compute-bound: % copy < % matmul
+    md = "\n".join(bench_decode.targets_markdown(_result(rows, heads=128)))
+    assert "| compute-bound absorb cells" in md and "1 of 2" in md and "B=8 L=4096 s_q=1 tilelang 35 % (85 %)" in md
+
+
+def test_targets_cli_reads_saved_runs(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [_row("absorb", 1, 8192, 1, "tilelang", 10.0, 20.0), _row("absorb", 1, 8192, 1, "bmm", 30.0)]
+    (run / "decode_bench.json").write_text(json.dumps(_result(rows)))
+    out = tmp_path / "targets.md"
+    assert cli_bench.main(["targets", str(run), str(run / "decode_bench.json"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("B = 1, L >= 8k") == 2 and "0 of 1" in text and "(40 %)" in text
+    assert "B = 1, L >= 8k" in capsys.readouterr().out
+    for bad in ([str(tmp_path / "nowhere")], [str(out)]):             # missing; not JSON
+        with pytest.raises(SystemExit):
+            cli_bench.main(["targets", *bad])
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):
+        cli_bench.main(["targets", str(tmp_path / "other.json")])
