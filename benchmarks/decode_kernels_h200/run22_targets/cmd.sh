@@ -12,3 +12,4 @@ for mode in call layers; do
   timeout 90 $B --path gqa --peers sdpa_cudnn,sdpa_efficient --out $W/gqa_$mode > $W/gqa_$mode.log 2>&1; tail -n 1 $W/gqa_$mode.log | cut -c1-100
   timeout 90 $B --path absorb --kernels triton,tilelang --peers bmm --shapes h128 --context 4k,32k --out $W/h128_$mode > $W/h128_$mode.log 2>&1; tail -n 1 $W/h128_$mode.log | cut -c1-100
 done
+cd $W && tar czf $OUT/run22.tgz absorb_call absorb_layers gqa_call gqa_layers h128_call h128_layers *.log
