@@ -26,5 +26,5 @@ sleep 20
 cells C_rested
 kill $SMI
 cd $W && tar czf $OUT/clock_state.tgz .
-# run 2 (same session): allocation history in one process (alloc_history.py)
-# python3 benchmarks/decode_kernels_h200/experiments/clock_state/alloc_history.py > $OUT/alloc_history.log 2>&1
+# run 2 (same session, separate device call): allocation history in one process
+#   source scripts/tilelang_kit_setup.sh; python3 benchmarks/decode_kernels_h200/experiments/clock_state/alloc_history.py | tee $OUT/alloc_history.log
