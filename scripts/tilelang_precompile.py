@@ -20,23 +20,19 @@ DEFAULT = [("bfloat16", "int32", 0), ("bfloat16", "int32", 64), ("bfloat16", "in
 
 
 def _one(job):
-    dtype, len_dtype, page, direct, seesaw = job
+    dtype, len_dtype, page, direct = job
     from gqla_megatron.kernels import tilelang_decode as tld
 
     t = time.time()
-    kw = {"seesaw": True} if seesaw else {}
-    tld.compile_absorb(r=512, dr=64, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct, **kw)
+    tld.compile_absorb(r=512, dr=64, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
     return job, time.time() - t
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=os.cpu_count() or 4)
-    p.add_argument("--seesaw", action="store_true",
-                   help="also the seesaw-schedule kernels (tilelang_decode.SEESAW)")
     args = p.parse_args(argv)
-    variants = (False, True) if args.seesaw else (False,)
-    jobs = [(d, ld, pg, direct, v) for d, ld, pg in DEFAULT for direct in (False, True) for v in variants]
+    jobs = [(d, ld, pg, direct) for d, ld, pg in DEFAULT for direct in (False, True)]
     t0 = time.time()
     with cf.ProcessPoolExecutor(max_workers=min(args.workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
         for job, dt in ex.map(_one, jobs):

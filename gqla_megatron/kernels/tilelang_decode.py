@@ -44,7 +44,6 @@ compiles two kernels (split + direct) once (seconds each, cached on disk by Tile
 # (tensor shapes built from closure variables) at definition time
 import functools
 import math
-import os
 from typing import List, Optional
 
 import torch
@@ -52,9 +51,6 @@ from torch import Tensor
 
 BLOCK_M = 64
 BLOCK_N = 64
-SEESAW = os.environ.get("GQLA_TILELANG_SEESAW", "0") == "1"
-"""Run the seesaw schedule (``build_absorb_seesaw_program``). Read per call; off by default
-until measured."""
 THREADS = 384       # producer warpgroup + "scores" warpgroup + "right" warpgroup
 WAVES = 1.0         # programs resident per SM (shared memory: ~216 KB each)
 # keys per split at least: one 64-token tile where a program has <= 32 query rows (its 64-row tile
@@ -455,269 +451,6 @@ def build_absorb_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: i
     return main
 
 
-def build_absorb_seesaw_program(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool):
-    """``build_absorb_program`` with the two consumer warpgroups in a "seesaw": each computes the
-    scores and softmax of every other tile and half of the output of every tile.
-
-    Warpgroup w (0: threads 0-127, 1: threads 128-255) owns the tiles t = w, w + 2, ... -- exactly
-    the tiles of ring buffer w -- and the output columns [w r/2, (w + 1) r/2). For each own tile t:
-      1. S_t = q . c_t^T (three wgmma, one wait) and the mask;
-      2. (t >= 1) the other warpgroup's tile t - 1: wait for its P, alpha and running max in shared
-         memory, rescale O_w and l_w by alpha_{t-1}, O_w += P_{t-1} . c_{t-1}[:, half w];
-      3. softmax of S_t against the running max m_{t-1}: m_t, alpha_t, P_t; P_t, alpha_t and m_t
-         to shared memory for the other warpgroup; O_w = O_w alpha_t + P_t . c_t[:, half w]
-         (P_t from registers), l_w = l_w alpha_t + rowsum(P_t).
-    and after its last own tile, the other warpgroup's last tile if that is the last. So one
-    warpgroup's scores of tile t + 1 run on the tensor cores while the other's softmax of tile t
-    runs on the CUDA cores (in the single-scores-warpgroup kernel the tensor cores idle during
-    every softmax). P's one shared buffer is written only by the warpgroup that has just consumed
-    the other's P (program order makes that safe); l is kept per warpgroup and summed at the end.
-    Register budgets: producer 40, consumers 232 each. Masking of stale latent rows as in
-    ``build_absorb_program`` (by the tile's owner, before it publishes P)."""
-    import tilelang.language as T
-
-    BM, BN = BLOCK_M, BLOCK_N
-    H2 = r // 2
-    acc = "float32"
-    NEG = -T.infinity(acc)
-    paged = page > 0
-    if paged and page % BN:
-        raise ValueError(f"page size {page} must be a multiple of the {BN}-token tile")
-    B = T.dynamic("B")
-    rows = T.dynamic("ROWS")
-    NSPLIT = T.dynamic("NSPLIT")
-    TC = T.dynamic("TC")
-    MAXP = T.dynamic("MAXP")
-    cache_rows = page if paged else TC
-    cache_lead = TC if paged else B
-    NO_TMA = {"disable_tma": True}
-
-    @T.macro
-    def load_tile(C, KR, BT, b, k0, K_l, K_r, K_pe, bars, s):
-        if paged:
-            pg = BT[b, k0 // page]
-            T.tma_copy(C[pg, k0 % page:k0 % page + BN, 0:H2], K_l, barrier=bars[s])
-            T.tma_copy(C[pg, k0 % page:k0 % page + BN, H2:r], K_r, barrier=bars[s])
-            T.tma_copy(KR[pg, k0 % page:k0 % page + BN, :], K_pe, barrier=bars[s])
-        else:
-            T.tma_copy(C[b, k0:k0 + BN, 0:H2], K_l, barrier=bars[s])
-            T.tma_copy(C[b, k0:k0 + BN, H2:r], K_r, barrier=bars[s])
-            T.tma_copy(KR[b, k0:k0 + BN, :], K_pe, barrier=bars[s])
-        T.barrier_arrive(bars[s])
-
-    @T.macro
-    def scores(Q_l, Q_r, Q_pe, K_l, K_r, K_pe, acc_s, k0, end, lim, full_to):
-        T.clear(acc_s)
-        T.wgmma_gemm(Q_l, K_l, acc_s, transpose_B=True)
-        T.wgmma_gemm(Q_r, K_r, acc_s, transpose_B=True)
-        T.wgmma_gemm(Q_pe, K_pe, acc_s, transpose_B=True)
-        T.wait_wgmma(0)
-        if k0 + BN > full_to:
-            for i, j in T.Parallel(BM, BN):
-                acc_s[i, j] = T.if_then_else(k0 + j < lim[i], acc_s[i, j], NEG)
-        if k0 + BN > end:
-            for i, j in T.Parallel(BN, H2):
-                if k0 + i >= end:
-                    K_l[i, j] = T.cast(0, dtype)
-                    K_r[i, j] = T.cast(0, dtype)
-            T.fence_proxy_async()
-
-    @T.macro
-    def consume(acc_o, l_w, m_cur, K_half, P_s, alpha_s, m_s, p_ready, empty, o, phase):
-        # the other warpgroup's (o) tile: its P, alpha and running max from shared memory
-        T.barrier_wait(p_ready[o], phase)
-        for i, j in T.Parallel(BM, H2):
-            acc_o[i, j] *= alpha_s[i]
-        for i in T.Parallel(BM):
-            l_w[i] *= alpha_s[i]
-            m_cur[i] = m_s[i]
-        T.gemm(P_s, K_half, acc_o)
-        T.barrier_arrive(empty[o])
-
-    @T.macro
-    def own(acc_s, acc_o, l_w, m_cur, m_prev, alpha, m_sc, rsum, P_r, K_half, P_s, alpha_s, m_s,
-            p_ready, empty, w, qk_scale):
-        T.copy(m_cur, m_prev)
-        T.reduce_max(acc_s, m_cur, dim=1, clear=False)
-        for i in T.Parallel(BM):
-            alpha[i] = T.if_then_else(m_cur[i] == NEG, 1.0, T.exp2((m_prev[i] - m_cur[i]) * qk_scale))
-            m_sc[i] = T.if_then_else(m_cur[i] == NEG, 0.0, m_cur[i] * qk_scale)
-        for i, j in T.Parallel(BM, BN):
-            acc_s[i, j] = T.exp2(acc_s[i, j] * qk_scale - m_sc[i])
-        T.reduce_sum(acc_s, rsum, dim=1)
-        for i in T.Parallel(BM):
-            l_w[i] = l_w[i] * alpha[i] + rsum[i]
-        T.copy(acc_s, P_r)
-        T.copy(P_r, P_s)
-        T.copy(alpha, alpha_s)
-        T.copy(m_cur, m_s)
-        T.fence_proxy_async()
-        T.barrier_arrive(p_ready[w])
-        for i, j in T.Parallel(BM, H2):
-            acc_o[i, j] *= alpha[i]
-        T.gemm(P_r, K_half, acc_o)
-        T.barrier_arrive(empty[w])
-
-    @T.macro
-    def store(OUT, LSE, o, stage, inv, l, m, b, pid_m, pid_p, col, with_lse, qk_scale):
-        m0 = pid_m * BM
-        if direct:
-            for i, j in T.Parallel(BM, H2):
-                stage[i, j] = T.cast(o[i, j] * inv[i], dtype)
-            T.copy(stage, OUT[b, m0:m0 + BM, col:col + H2], annotations=NO_TMA)
-        else:
-            for i, j in T.Parallel(BM, H2):
-                if m0 + i < rows:
-                    OUT[b, m0 + i, pid_p, col + j] = o[i, j] * inv[i]
-            if with_lse:
-                for i in T.Parallel(BM):
-                    if m0 + i < rows:
-                        LSE[b, m0 + i, pid_p] = T.if_then_else(
-                            l[i] > 0, m[i] * qk_scale + T.log2(l[i]), NEG)
-
-    @T.macro
-    def consumer(w, Q_l, Q_r, Q_pe, KA_l, KA_r, KA_pe, KA_half, KB_half, P_s, alpha_s, m_s, l_mine, l_other,
-                 acc_s, acc_o, P_r, lim, m_cur, m_prev, alpha, m_sc, rsum, l_w, l_tot, inv_l,
-                 bar_q, full, empty, p_ready, l_bar, stage, start, end, n_iter, L, pid_m, pid_p, b,
-                 heads, qk_scale, OUT, LSE):
-        # w: this warpgroup; KA_*: its own ring buffer (tiles t = w, w + 2, ...), KA_half its half of
-        # that buffer's latent, KB_half its half of the other buffer's latent
-        T.fill(acc_o, 0)
-        T.fill(l_w, 0)
-        T.fill(m_cur, NEG)
-        full_to = T.min(end, L + 1)
-        for i in T.Parallel(BM):
-            lim[i] = T.min(end, L + 1 + (pid_m * BM + i) // heads)
-        T.barrier_wait(bar_q[0], 0)
-        for k in T.serial(T.ceildiv(T.max(n_iter - w, 0), 2)):
-            t = 2 * k + w
-            k0 = start + t * BN
-            T.barrier_wait(full[w], k & 1)
-            scores(Q_l, Q_r, Q_pe, KA_l, KA_r, KA_pe, acc_s, k0, end, lim, full_to)
-            if t >= 1:
-                consume(acc_o, l_w, m_cur, KB_half, P_s, alpha_s, m_s, p_ready, empty, 1 - w,
-                        ((t - 1) // 2) & 1)
-            own(acc_s, acc_o, l_w, m_cur, m_prev, alpha, m_sc, rsum, P_r, KA_half, P_s, alpha_s, m_s,
-                p_ready, empty, w, qk_scale)
-        if n_iter >= 1 and (n_iter - 1) % 2 != w:
-            consume(acc_o, l_w, m_cur, KB_half, P_s, alpha_s, m_s, p_ready, empty, 1 - w,
-                    ((n_iter - 1) // 2) & 1)
-        # l = l_0 + l_1 (each warpgroup summed the rows of its own tiles)
-        T.copy(l_w, l_mine)
-        T.barrier_arrive(l_bar[0])
-        T.barrier_wait(l_bar[0], 0)
-        for i in T.Parallel(BM):
-            l_tot[i] = l_mine[i] + l_other[i]
-            inv_l[i] = T.if_then_else(l_tot[i] > 0, 1.0 / l_tot[i], 1.0)
-        store(OUT, LSE, acc_o, stage, inv_l, l_tot, m_cur, b, pid_m, pid_p, w * H2, w == 0, qk_scale)
-
-    @T.macro
-    def kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, nsplit, pid_p, pid_m, b, OUT, LSE):
-        Q_l = T.alloc_shared([BM, H2], dtype)
-        Q_r = T.alloc_shared([BM, H2], dtype)
-        Q_pe = T.alloc_shared([BM, dr], dtype)
-        K0_l = T.alloc_shared([BN, H2], dtype)
-        K0_r = T.alloc_shared([BN, H2], dtype)
-        K0_pe = T.alloc_shared([BN, dr], dtype)
-        K1_l = T.alloc_shared([BN, H2], dtype)
-        K1_r = T.alloc_shared([BN, H2], dtype)
-        K1_pe = T.alloc_shared([BN, dr], dtype)
-        P_s = T.alloc_shared([BM, BN], dtype)
-        alpha_s = T.alloc_shared([BM], acc)
-        m_s = T.alloc_shared([BM], acc)
-        l_s0 = T.alloc_shared([BM], acc)
-        l_s1 = T.alloc_shared([BM], acc)
-
-        # each warpgroup its own fragments (a fragment's layout belongs to one thread range)
-        acc_s0 = T.alloc_fragment([BM, BN], acc)
-        acc_o0 = T.alloc_fragment([BM, H2], acc)
-        P_r0 = T.alloc_fragment([BM, BN], dtype)
-        lim0 = T.alloc_fragment([BM], "int32")
-        m_cur0 = T.alloc_fragment([BM], acc)
-        m_prev0 = T.alloc_fragment([BM], acc)
-        alpha0 = T.alloc_fragment([BM], acc)
-        m_sc0 = T.alloc_fragment([BM], acc)
-        rsum0 = T.alloc_fragment([BM], acc)
-        l_w0 = T.alloc_fragment([BM], acc)
-        l_tot0 = T.alloc_fragment([BM], acc)
-        inv_l0 = T.alloc_fragment([BM], acc)
-        acc_s1 = T.alloc_fragment([BM, BN], acc)
-        acc_o1 = T.alloc_fragment([BM, H2], acc)
-        P_r1 = T.alloc_fragment([BM, BN], dtype)
-        lim1 = T.alloc_fragment([BM], "int32")
-        m_cur1 = T.alloc_fragment([BM], acc)
-        m_prev1 = T.alloc_fragment([BM], acc)
-        alpha1 = T.alloc_fragment([BM], acc)
-        m_sc1 = T.alloc_fragment([BM], acc)
-        rsum1 = T.alloc_fragment([BM], acc)
-        l_w1 = T.alloc_fragment([BM], acc)
-        l_tot1 = T.alloc_fragment([BM], acc)
-        inv_l1 = T.alloc_fragment([BM], acc)
-
-        bar_q = T.alloc_barrier(128)
-        full = T.alloc_barrier([128, 128])
-        empty = T.alloc_barrier([256, 256])
-        p_ready = T.alloc_barrier([128, 128])
-        l_bar = T.alloc_barrier(256)
-
-        L = T.cast(LENS[b], "int32")
-        n_keys = T.min(L + rows // heads, cap)
-        chunk = T.ceildiv(T.ceildiv(n_keys, nsplit), BN) * BN
-        start = pid_p * chunk
-        end = T.min(start + chunk, n_keys)
-        n_iter = T.ceildiv(T.max(end - start, 0), BN)
-        tx = T.get_thread_binding()
-
-        if tx >= 256:
-            T.set_max_nreg(40, 0)
-            T.tma_copy(Q[b, pid_m * BM:pid_m * BM + BM, 0:H2], Q_l, barrier=bar_q[0])
-            T.tma_copy(Q[b, pid_m * BM:pid_m * BM + BM, H2:r], Q_r, barrier=bar_q[0])
-            T.tma_copy(QR[b, pid_m * BM:pid_m * BM + BM, :], Q_pe, barrier=bar_q[0])
-            T.barrier_arrive(bar_q[0])
-            for i in T.serial(T.ceildiv(n_iter, 2)):
-                k0 = start + 2 * i * BN
-                T.barrier_wait(empty[0], (i & 1) ^ 1)
-                load_tile(C, KR, BT, b, k0, K0_l, K0_r, K0_pe, full, 0)
-                if 2 * i + 1 < n_iter:
-                    T.barrier_wait(empty[1], (i & 1) ^ 1)
-                    load_tile(C, KR, BT, b, k0 + BN, K1_l, K1_r, K1_pe, full, 1)
-        elif tx >= 128:
-            T.set_max_nreg(232, 1)
-            consumer(1, Q_l, Q_r, Q_pe, K1_l, K1_r, K1_pe, K1_r, K0_r, P_s, alpha_s, m_s, l_s1, l_s0,
-                     acc_s1, acc_o1, P_r1, lim1, m_cur1, m_prev1, alpha1, m_sc1, rsum1, l_w1,
-                     l_tot1, inv_l1, bar_q, full, empty, p_ready, l_bar, K1_r, start, end, n_iter, L, pid_m, pid_p, b,
-                     heads, qk_scale, OUT, LSE)
-
-        else:
-            T.set_max_nreg(232, 1)
-            # own buffer 0 (left half K0_l: only this warpgroup reads it -- the output staging
-            # goes there after the loop); the other's buffer 1, left half
-            consumer(0, Q_l, Q_r, Q_pe, K0_l, K0_r, K0_pe, K0_l, K1_l, P_s, alpha_s, m_s, l_s0, l_s1,
-                     acc_s0, acc_o0, P_r0, lim0, m_cur0, m_prev0, alpha0, m_sc0, rsum0, l_w0,
-                     l_tot0, inv_l0, bar_q, full, empty, p_ready, l_bar, K0_l, start, end, n_iter, L, pid_m, pid_p, b,
-                     heads, qk_scale, OUT, LSE)
-    if direct:
-        @T.prim_func
-        def main(Q: T.Tensor((B, rows, r), dtype), QR: T.Tensor((B, rows, dr), dtype),
-                 C: T.Tensor((cache_lead, cache_rows, r), dtype),
-                 KR: T.Tensor((cache_lead, cache_rows, dr), dtype),
-                 LENS: T.Tensor((B,), len_dtype), BT: T.Tensor((B, MAXP), "int32"),
-                 OUT: T.Tensor((B, rows, r), dtype), qk_scale: T.float32, heads: T.int32, cap: T.int32):
-            with T.Kernel(1, T.ceildiv(rows, BM), B, threads=THREADS) as (pid_p, pid_m, b):
-                kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, 1, pid_p, pid_m, b, OUT, OUT)
-    else:
-        @T.prim_func
-        def main(Q: T.Tensor((B, rows, r), dtype), QR: T.Tensor((B, rows, dr), dtype),
-                 C: T.Tensor((cache_lead, cache_rows, r), dtype),
-                 KR: T.Tensor((cache_lead, cache_rows, dr), dtype),
-                 LENS: T.Tensor((B,), len_dtype), BT: T.Tensor((B, MAXP), "int32"),
-                 OPART: T.Tensor((B, rows, NSPLIT, r), acc), LSE: T.Tensor((B, rows, NSPLIT), acc),
-                 qk_scale: T.float32, heads: T.int32, cap: T.int32):
-            with T.Kernel(NSPLIT, T.ceildiv(rows, BM), B, threads=THREADS) as (pid_p, pid_m, b):
-                kernel_body(Q, QR, C, KR, LENS, BT, qk_scale, heads, cap, NSPLIT, pid_p, pid_m, b, OPART, LSE)
-    return main
-
-
 def kernel_args(r: int, dr: int, dtype: torch.dtype, len_dtype: torch.dtype, page: int) -> dict:
     """``compile_absorb`` arguments (all but ``direct``) for calls with these widths, cache dtype,
     lengths dtype and page size (0 = contiguous): the one mapping ``absorb_decode`` and the
@@ -727,13 +460,12 @@ def kernel_args(r: int, dr: int, dtype: torch.dtype, len_dtype: torch.dtype, pag
 
 @functools.lru_cache(maxsize=64)
 def compile_absorb(*, r: int, dr: int, dtype: str, len_dtype: str, page: int, direct: bool,
-                   target: Optional[str] = None, seesaw: bool = False):
+                   target: Optional[str] = None):
     """Compiled kernel (TileLang JIT; its disk cache makes repeats cheap). ``target`` None =
     the current GPU; an arch such as "sm_90a" compiles offline (tests on machines without a GPU)."""
     import tilelang
 
-    build = build_absorb_seesaw_program if seesaw else build_absorb_program
-    prog = build(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
+    prog = build_absorb_program(r=r, dr=dr, dtype=dtype, len_dtype=len_dtype, page=page, direct=direct)
     kw = {} if target is None else {"target": {"kind": "cuda", "arch": target}}
     return tilelang.compile(prog, **kw)
 
@@ -774,8 +506,6 @@ def absorb_decode(q_abs: Tensor, q_rope: Tensor, c: Tensor, k_rope: Tensor, leng
     nsplit = num_splits or plan_splits(B, rows, max_len or cap, q_abs.device)
     bt = block_table if block_table is not None else _dummy_table(q_abs.device, B)
     common = kernel_args(R, DR, q_abs.dtype, lengths.dtype, page)
-    if SEESAW:
-        common["seesaw"] = True
     qk_scale = float(softmax_scale) * math.log2(math.e)
     if nsplit == 1:
         o2 = out.view(B, rows, R) if out.is_contiguous() else torch.empty(B, rows, R, dtype=out.dtype,
