@@ -763,6 +763,7 @@ def markdown(result: dict) -> str:
                 + (f", launch floor per layer {r['floor1_layer_us']:.2f} us (one kernel) / "
                    f"{r['floor2_layer_us']:.2f} us (two)" if 'floor1_layer_us' in r else "")
                 if result.get('layers', 1) > 1 else "")
+             + (f"; PYTORCH_CUDA_ALLOC_CONF={result['alloc_conf']!r}" if result.get("alloc_conf") is not None else "")
              + f"{'' if result.get('complete', True) else ' (INCOMPLETE: the run stopped early)'}.", ""]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     per_layer = result.get("layers", 1) > 1
@@ -993,6 +994,12 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                         "layer, as a decode step runs its attention layers; fewer in a cell whose "
                         "inputs would pass 8 GiB or 40 %% of free memory (rows' `layers`) "
                         "(default 1: one call)")
+    p.add_argument("--allocator", choices=("expandable", "default"), default="expandable",
+                   help="PyTorch's CUDA caching allocator for the run: expandable segments (the default "
+                        "here), or PyTorch's default, under which the first ~20 timed replays after a "
+                        "large free (the cell before releasing its inputs) measured up to 14 %% slow on "
+                        "the H200 (benchmarks/decode_kernels_h200/experiments/clock_state). A "
+                        "PYTORCH_CUDA_ALLOC_CONF already set in the environment wins")
     p.add_argument("--copy-mib", type=int, default=None, help="copy probe size (default 2048 on GPU, 64 on CPU)")
     p.add_argument("--gemm-n", type=int, default=None, help="matmul probe size (default 8192 on GPU, 512 on CPU)")
     p.add_argument("--flex-budget-s", type=float, default=45.0, help="seconds of flex_attention compiling (default 45)")
@@ -1071,6 +1078,7 @@ def _cmd_decode(args, parser) -> int:
     if dev.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     os.makedirs(args.out, exist_ok=True)
+    args.alloc_conf = _set_allocator(args.allocator) if dev.type == "cuda" else None
     shp = Shapes(**SHAPES[args.shapes])
     dtype = DTYPES[args.dtype]
     _FLEX["budget_s"] = args.flex_budget_s
@@ -1119,12 +1127,26 @@ def _cmd_decode(args, parser) -> int:
     return 0
 
 
+def _set_allocator(choice: str) -> str:
+    """Apply ``--allocator`` before the run's first CUDA allocation; the setting in effect."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if conf is not None:
+        return conf
+    if choice == "expandable":
+        conf = "expandable_segments:True"
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+        torch.cuda.memory._set_allocator_settings(conf)   # in case this process allocated already
+        return conf
+    return ""
+
+
 def _write_results(args, dev, shp, rates, flush, rows, *, complete: bool) -> dict:
     on_gpu = dev.type == "cuda"
     result = {"device": torch.cuda.get_device_name(dev) if on_gpu else "cpu", "torch": torch.__version__,
               "triton": _triton_version(), "shapes_name": args.shapes, "shapes": dataclasses.asdict(shp),
               "dtype": args.dtype, "page_size": args.page_size, "warmup": args.warmup, "iters": args.iters,
               "cuda_graphs": bool(args.cuda_graphs), "complete": complete, "layers": args.layers,
+              "alloc_conf": getattr(args, "alloc_conf", None),
               "flush": bool(flush is not None), "l2_flush": flush.mode if flush is not None else None, "rates": rates, "argv": sys.argv[1:], "rows": rows,
               "summary": summarize(rows), "env": {k: v for k, v in os.environ.items() if k.startswith("GQLA_DECODE_")}}
     _write_atomic(os.path.join(args.out, "decode_bench.json"), json.dumps(result, indent=1))

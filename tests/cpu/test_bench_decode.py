@@ -229,3 +229,15 @@ def test_targets_cli_reads_saved_runs(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit):
         cli_bench.main(["targets", str(tmp_path / "other.json")])
+
+
+def test_allocator_setting_respects_the_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
+    assert bench_decode._set_allocator("expandable") == "max_split_size_mb:64" and calls == []
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert bench_decode._set_allocator("default") == "" and calls == []
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert bench_decode._set_allocator("expandable") == "expandable_segments:True"
+    assert calls == ["expandable_segments:True"] and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == calls[0]
