@@ -28,3 +28,8 @@ kill $SMI
 cd $W && tar czf $OUT/clock_state.tgz .
 # run 2 (same session, separate device call): allocation history in one process
 #   source scripts/tilelang_kit_setup.sh; python3 benchmarks/decode_kernels_h200/experiments/clock_state/alloc_history.py | tee $OUT/alloc_history.log
+# run 3 (separate device call): placements, default allocator and expandable segments
+#   source scripts/tilelang_kit_setup.sh; python3 scripts/tilelang_precompile.py | tail -n 1; E=benchmarks/decode_kernels_h200/experiments/clock_state
+#   python3 $E/placement_spread.py | tee $OUT/placement_default.log
+#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 $E/placement_spread.py | tee $OUT/placement_expandable.log
+# run 4 (separate device call): source scripts/tilelang_kit_setup.sh; python3 benchmarks/decode_kernels_h200/experiments/clock_state/graph_tied.py | tee $OUT/graph_tied.log
