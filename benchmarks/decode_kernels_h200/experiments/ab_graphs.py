@@ -1,6 +1,7 @@
 """Shared by the in-process experiments: build a cell's call with the package's bench method,
 capture it in a CUDA graph and time several graphs interleaved (combine_discard, pdl_combine,
-splits_per_layer); load a variant of the TileLang kernel module from source text and compare
+splits_per_layer; ``absorb_ab`` with ``float64_checks``, ``time_variants`` and ``report_cell``:
+the A/B of partials_bf16, swap_operands and seesaw); load a variant of the TileLang kernel module from source text and compare
 absorb-kernel modules against float64 and each other (epilogue_ab, epilogue_split_ab, timeline).
 
 Import with the experiments folder on sys.path (the scripts add it)."""
@@ -56,6 +57,132 @@ def time_interleaved(graphs, dev, flush, *, rounds, iters):
             torch.cuda.synchronize(dev)
             med[k].append(statistics.median(s.elapsed_time(e) * 1e3 for s, e in ev) / k[1])
     return {k: statistics.median(v) for k, v in med.items()}
+
+
+def time_variants(variants, xs, n_layers, ref, dev, flush, *, rounds, iters, make, activate=None):
+    """The A/B loop of one cell (partials_bf16, swap_operands, seesaw). Per variant v:
+    ``activate(v)`` (e.g. set a module flag the call reads), its eager call on xs[0] compared with
+    ``ref``, then ``make(v, x)``'s calls on the first ``n_layers`` inputs captured as CUDA graphs --
+    one call (layer 0) and, with more than one layer, all of them back to back -- and
+    ``activate(None)`` after the last. The graphs are timed interleaved (``time_interleaved``) and
+    each replayed once more, its layer-0 output compared with ``ref``. Returns (times
+    {(v, layers): us}, eager {v: max |diff|}, graphs {(v, layers): max |diff|})."""
+    activate = activate or (lambda v: None)
+    eager, graphs, keep = {}, {}, []
+    for v in variants:
+        activate(v)
+        eager[v] = (make(v, xs[0])().float() - ref.float()).abs().max().item()
+        calls = [make(v, x) for x in xs[:n_layers]]
+        keep.append(calls)   # the closures own the output buffers the graphs write
+        graphs[(v, 1)] = capture(calls[0], dev)
+        if n_layers > 1:
+            graphs[(v, n_layers)] = capture(lambda calls=calls: [c() for c in calls], dev)
+    activate(None)
+    res = time_interleaved(graphs, dev, flush, rounds=rounds, iters=iters)
+    graph_err = {}
+    for (v, n), (g, out) in graphs.items():   # the replays still compute layer 0's result
+        g.replay()
+        torch.cuda.synchronize(dev)
+        first = out if n == 1 else out[0]
+        graph_err[(v, n)] = (first.float() - ref.float()).abs().max().item()
+    return res, eager, graph_err
+
+
+def float64_checks(cases, variants, dev, run):
+    """Absorb A/B accuracy: per case (shapes name, B, L, s_q, splits or None = the TileLang
+    planner's) and query scale (1: diffuse attention; 8: peaked), ragged lengths, each variant's
+    output (``run(v, x, splits, out)`` fills ``out``, NaN before the call) against float64
+    attention; one printed line per case and scale (max |reference|, max and mean |error|)."""
+    from gqla_megatron.kernels import tilelang_decode as tld
+
+    for name, B, L, S, ns in cases:
+        shp = bd.Shapes(**bd.SHAPES[name])
+        for q_scale in (1.0, 8.0):
+            x = bd.make_inputs("absorb", shp, B, L, S, torch.bfloat16, dev, 0, seed=1)
+            x["q"] = (x["q"].float() * q_scale).to(x["q"].dtype)
+            x["lengths"] = torch.randint(L // 2, L - S + 1, (B,), device=dev, dtype=x["lengths"].dtype)
+            ref = absorb_reference(x, S, shp.heads)
+            n = ns or tld.plan_splits(B, S * shp.heads, L, dev)
+            line = (f"check {name:9s} B={B} L={L} s_q={S} splits={n:3d} q x{q_scale:.0f}: "
+                    f"max |ref| {ref.abs().max().item():.2e}")
+            for v in variants:
+                o = torch.full_like(x["q"], float("nan"))
+                run(v, x, n, o)
+                err = (o.double() - ref).abs()
+                line += f"  {v}: max err {err.max().item():.2e} mean {err.mean().item():.2e}"
+            print(line, flush=True)
+            del x, ref
+
+
+def report_cell(head, res, eager, graph_err, copy_us, flop=None):
+    """Print one cell of ``time_variants``: per mode (one call / per layer) each variant's time, %
+    of the copy rate (and TFLOP/s given ``flop``), the last variant's speed over the first; then
+    the max differences."""
+    names = list(eager)
+    a, z = names[0], names[-1]
+    lines = [head]
+    for mode in sorted({k[1] for k in res}):
+        parts = []
+        for v in names:
+            t = res[(v, mode)]
+            parts.append(f"{v} {t:7.1f}us ({100 * copy_us / t:3.0f}% copy"
+                         + (f", {flop / t / 1e6:4.0f} TFLOP/s" if flop else "") + ")")
+        lines.append(f"  [{'1 call' if mode == 1 else 'per layer'}] " + "  ".join(parts)
+                     + f" x{res[(a, mode)] / res[(z, mode)]:.3f}")
+    lines.append(f"  max |diff| vs {a} eager: eager " + ", ".join(f"{v} {e:.1e}" for v, e in eager.items())
+                 + "; graphs " + ", ".join(f"{v}/{n} {e:.1e}" for (v, n), e in graph_err.items()))
+    print("\n".join(lines), flush=True)
+
+
+def absorb_ab(variants, checks, cells, *, flop=False):
+    """Absorb-kernel A/B in one process (partials_bf16, swap_operands, seesaw). ``variants``:
+    {name: (module with the package's ``absorb_decode`` / ``plan_splits``, {module attribute:
+    value} set while the variant is built, captured and checked -- a flag the module reads per
+    call -- and reset after)}; the first is the reference. First ``float64_checks`` over
+    ``checks``; then per cell of ``cells`` (shapes name, B, L, s_q) ``time_variants`` -- CUDA-graph
+    replays interleaved over --rounds rounds (median of the rounds' medians), L2 flushed (write)
+    before each replay, one call and per layer of --layers layers (own inputs each, one graph),
+    each graph replayed once more and compared with the first variant's eager output -- printed
+    by ``report_cell`` (with TFLOP/s when ``flop``). Command line as ``setup``."""
+    args, dev, _, flush, copy_tbps = setup(32)
+    names = list(variants)
+    saved = {(id(mod), k): (mod, k, getattr(mod, k)) for mod, flags in variants.values() for k in flags}
+
+    def activate(v):
+        for mod, k, val in saved.values():
+            setattr(mod, k, val)
+        if v is not None:
+            mod, flags = variants[v]
+            for k, val in flags.items():
+                setattr(mod, k, val)
+
+    def call(v, x):
+        mod = variants[v][0]
+        out = torch.empty_like(x["q"])
+        return lambda: mod.absorb_decode(x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"], x["scale"],
+                                         out=out, max_len=x["L"], validate=False)
+
+    def run(v, x, n, o):
+        activate(v)
+        variants[v][0].absorb_decode(x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"], x["scale"], out=o,
+                                     num_splits=n)
+        activate(None)
+
+    float64_checks(checks, names, dev, run)
+    for name, B, L, S in cells:
+        shp = bd.Shapes(**bd.SHAPES[name])
+        need, n_layers, xs = cell_inputs("absorb", shp, B, L, S, dev, args.layers)
+        activate(names[0])
+        ref = call(names[0], xs[0])().clone()
+        activate(None)
+        res, eager, graph_err = time_variants(names, xs, n_layers, ref, dev, flush, rounds=args.rounds,
+                                              iters=args.iters, make=call, activate=activate)
+        mod = variants[names[-1]][0]
+        report_cell(f"{name:9s} B={B:3d} L={L:6d} s_q={S} splits={mod.plan_splits(B, S * shp.heads, L, dev):3d} "
+                    f"layers={n_layers:2d}", res, eager, graph_err, need / (copy_tbps * 1e12) * 1e6,
+                    bd.flops("absorb", shp, B, L, S) if flop else None)
+        del xs, ref
+        torch.cuda.empty_cache()
 
 
 def setup(default_layers):

@@ -17,6 +17,8 @@ flush = bd.L2Flush(dev, "write")
 
 
 def capture(fn):
+    # not ab_graphs.capture: that one replays the graph once after capturing, and here the first
+    # timed replays must be the first after the free
     s = torch.cuda.Stream(dev)
     s.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(s):

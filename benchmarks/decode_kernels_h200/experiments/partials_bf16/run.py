@@ -7,28 +7,15 @@ Variants:
         memory, 16-byte vector stores): half the bytes written, and half the combine's reads
         (the log-sum-exp stays fp32; the combine accumulates in fp32)
 
-Checks first: for each check cell, ragged lengths, outputs NaN-filled, queries at scale 1 (diffuse
-attention: each split's partial is larger than the output, the hard case for rounding it) and 8
-(peaked), both variants against float64 attention: max |error| and max |reference| printed.
-Then per cell both variants timed as CUDA-graph replays, interleaved over --rounds rounds (median
-of the rounds' medians), L2 flushed (write) before each replay, one call and per layer of
---layers layers (own inputs each, one graph); after timing each graph is replayed once more and
-its first layer's output compared with the eager fp32 result.
-
-Usage: python run.py [--rounds 5] [--iters 10] [--layers 32]
+Method and command line: ``../ab_graphs.absorb_ab`` (run 1 ran the same loop written out here).
 """
 
 import os
 import sys
 
-import torch
-
-sys.path.insert(0, ".")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-from ab_graphs import absorb_reference, capture, cell_inputs, setup, time_interleaved  # noqa: E402
-from gqla_megatron import bench_decode as bd  # noqa: E402
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [".", os.path.dirname(here), here]
+from ab_graphs import absorb_ab  # noqa: E402
 from gqla_megatron.kernels import tilelang_decode as tld  # noqa: E402
 import variant  # noqa: E402
 
@@ -44,69 +31,5 @@ CELLS = [  # (shapes, B, L, s_q)
 ]
 
 
-def call(mod, x, shp):
-    out = torch.empty_like(x["q"])
-    return lambda: mod.absorb_decode(x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"], x["scale"],
-                                     out=out, max_len=x["L"], validate=False)
-
-
-def checks(variants, dev):
-    for name, B, L, S, ns in CHECKS:
-        shp = bd.Shapes(**bd.SHAPES[name])
-        for q_scale in (1.0, 8.0):
-            x = bd.make_inputs("absorb", shp, B, L, S, torch.bfloat16, dev, 0, seed=1)
-            x["q"] = (x["q"].float() * q_scale).to(x["q"].dtype)
-            x["lengths"] = torch.randint(L // 2, L - S + 1, (B,), device=dev, dtype=x["lengths"].dtype)
-            ref = absorb_reference(x, S, shp.heads)
-            n = ns or tld.plan_splits(B, S * shp.heads, L, dev)
-            line = f"check {name:9s} B={B} L={L} s_q={S} splits={n:3d} q x{q_scale:.0f}: max |ref| {ref.abs().max().item():.2e}"
-            for v, mod in variants.items():
-                o = torch.full_like(x["q"], float("nan"))
-                mod.absorb_decode(x["q"], x["q_rope"], x["c"], x["k_rope"], x["lengths"], x["scale"], out=o,
-                                  num_splits=n)
-                err = (o.double() - ref).abs()
-                line += f"  {v}: max err {err.max().item():.2e} mean {err.mean().item():.2e}"
-            print(line, flush=True)
-            del x, ref
-
-
-def main():
-    args, dev, _, flush, copy_tbps = setup(32)
-    variants = {"fp32": tld, "bf16": variant.load()}
-    checks(variants, dev)
-    for name, B, L, S in CELLS:
-        shp = bd.Shapes(**bd.SHAPES[name])
-        need, n_layers, xs = cell_inputs("absorb", shp, B, L, S, dev, args.layers)
-        ref = call(tld, xs[0], shp)().clone()
-        eager = {v: (call(mod, xs[0], shp)().float() - ref.float()).abs().max().item() for v, mod in variants.items()}
-        graphs, keep = {}, []
-        for v, mod in variants.items():
-            calls = [call(mod, x, shp) for x in xs[:n_layers]]
-            keep.append(calls)   # the closures own the output buffers the graphs write
-            graphs[(v, 1)] = capture(calls[0], dev)
-            if n_layers > 1:
-                graphs[(v, n_layers)] = capture(lambda calls=calls: [c() for c in calls], dev)
-        res = time_interleaved(graphs, dev, flush, rounds=args.rounds, iters=args.iters)
-        graph_err = {}
-        for (v, n), (g, out) in graphs.items():
-            g.replay()
-            torch.cuda.synchronize(dev)
-            first = out if n == 1 else out[0]
-            graph_err[(v, n)] = (first.float() - ref.float()).abs().max().item()
-        copy_us = need / (copy_tbps * 1e12) * 1e6
-        nsplit = tld.plan_splits(B, S * shp.heads, L, dev)
-        line = [f"{name:9s} B={B:3d} L={L:6d} s_q={S} splits={nsplit:3d} layers={n_layers:2d}"]
-        for mode in sorted({k[1] for k in res}):
-            a, b = res[("fp32", mode)], res[("bf16", mode)]
-            line.append(f"  [{'1 call' if mode == 1 else 'per layer'}] fp32 {a:7.1f}us ({100 * copy_us / a:3.0f}%)"
-                        f"  bf16 {b:7.1f}us ({100 * copy_us / b:3.0f}%) x{a / b:.3f}")
-        line.append("  max |diff| vs fp32 eager: eager " + ", ".join(f"{v} {e:.1e}" for v, e in eager.items())
-                    + "; graphs " + ", ".join(f"{v}/{n} {e:.1e}" for (v, n), e in graph_err.items()))
-        print("\n".join(line), flush=True)
-        g = out = first = None
-        del xs, graphs, keep, ref
-        torch.cuda.empty_cache()
-
-
 if __name__ == "__main__":
-    main()
+    absorb_ab({"fp32": (tld, {}), "bf16": (variant.load(), {})}, CHECKS, CELLS)
