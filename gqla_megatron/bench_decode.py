@@ -657,12 +657,13 @@ def _ours(s: dict) -> Optional[Tuple[str, dict]]:
     return min(ok, key=lambda kr: kr[1]["time_us"]) if ok else None
 
 
-def ceiling(row: dict, rates: dict, per_layer: bool, of: str = "copy") -> Optional[float]:
+def ceiling(row: dict, rates: dict, of: str = "copy") -> Optional[float]:
     """The % of the copy (``of="copy"``) or matmul rate this row's cell could reach at most under
     the run's timing: the bytes (or FLOPs) at the measured rate plus the launch floor of one
-    kernel -- a call that streams at the copy rate from its first nanosecond, with no split
-    combine and no tail. None where the run measured no floor (eager timing, CPU)."""
-    floor = rates.get("floor1_layer_us" if per_layer else "floor1_us")
+    kernel (per layer where the row was timed over several layers, else per call) -- a call that
+    streams at the copy rate from its first nanosecond, with no split combine and no tail. None
+    where the run measured no floor (eager timing, CPU)."""
+    floor = rates.get("floor1_layer_us" if row.get("layers", 1) > 1 else "floor1_us")
     if floor is None:
         return None
     busy = row["time_us"] * (row["pct_copy"] if of == "copy" else row["pct_gemm"]) / 100
@@ -675,7 +676,6 @@ def targets(result: dict) -> List[dict]:
     the rate targets) the ``ceiling`` the run's launch floor leaves. A cell is memory-bound when
     its bytes at the copy rate take longer than its FLOPs at the matmul rate (% copy >= % matmul)."""
     rates = result["rates"]
-    per_layer = result.get("layers", 1) > 1
     heads = result["shapes"]["heads"]
     out = []
     for key, text in TARGETS:
@@ -714,7 +714,7 @@ def targets(result: dict) -> List[dict]:
                 if value < need:
                     miss = {"cell": cell, "kernel": kernel, "value": value, "unit": unit}
                     if of:
-                        miss["ceiling"] = ceiling(row, rates, per_layer, of)
+                        miss["ceiling"] = ceiling(row, rates, of)
                     misses.append(miss)
             if cells:
                 out.append({"target": key, "text": text, "path": path, "cells": cells,
@@ -727,19 +727,22 @@ def targets_markdown(result: dict, title: str = "## Targets (issue #6)") -> List
     rows = targets(result)
     if not rows:
         return []
-    per_layer = result.get("layers", 1) > 1
-    floor = result["rates"].get("floor1_layer_us" if per_layer else "floor1_us")
+    r = result["rates"]
+    if r.get("floor1_us") is None:
+        floor = " (not measured in this run)"
+    else:
+        floor = f" ({r['floor1_us']:.2f} us per call" + (
+            f", {r['floor1_layer_us']:.2f} us per layer in cells timed over several layers"
+            if result.get("layers", 1) > 1 and r.get("floor1_layer_us") is not None else "") + ")"
     lines = [title, "",
              "Our best kernel per cell (triton or tilelang). Ceiling: the most a cell could reach under "
              "this run's timing -- its bytes (FLOPs) at the measured copy (matmul) rate plus the launch "
-             "floor of one kernel"
-             + (f" ({floor:.2f} us {'per layer' if per_layer else 'per call'})" if floor is not None else
-                " (not measured in this run)")
+             "floor of one kernel" + floor
              + "; a miss whose ceiling is below the target cannot meet it as timed here.", "",
              "| target | path | met | misses: cell, kernel, value (ceiling) |", "|---|---|---:|---|"]
     for t in rows:
-        miss = "; ".join(f"{m['cell']} {m['kernel']} {m['value']:.{2 if 'x' in m['unit'] else 0}f}"
-                         f"{'' if 'x' in m['unit'] else ' %'}"
+        miss = "; ".join(f"{m['cell']} {m['kernel']} {m['value']:.{2 if m['unit'].startswith('x') else 0}f}"
+                         f"{'' if m['unit'].startswith('x') else ' %'}"
                          + (f" ({m['ceiling']:.0f} %)" if m.get("ceiling") is not None else "")
                          for m in t["misses"]) or "-"
         lines.append(f"| {t['text']} | {t['path']} | {t['met']} of {t['cells']} | {miss} |")

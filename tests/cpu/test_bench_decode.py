@@ -155,9 +155,9 @@ def test_decode_bench_layers_one_is_the_single_call(tmp_path, monkeypatch):
     assert all(r["layers"] == 1 for r in res["rows"] if r["status"] == "ok")
 
 
-def _row(path, B, L, S, method, time_us, pct_copy=50.0, pct_gemm=10.0):
+def _row(path, B, L, S, method, time_us, pct_copy=50.0, pct_gemm=10.0, layers=1):
     return {"path": path, "B": B, "L": L, "s_q": S, "method": method, "status": "ok", "time_us": time_us,
-            "pct_copy": pct_copy, "pct_gemm": pct_gemm, "layers": 1}
+            "pct_copy": pct_copy, "pct_gemm": pct_gemm, "layers": layers}
 
 
 def _result(rows, heads=32, floor=3.0, layers=1):
@@ -192,9 +192,15 @@ def test_targets_count_cells_and_report_ceilings():
     peer = got[("peer", "gqa")]
     assert (peer["cells"], peer["met"]) == (1, 0) and peer["misses"][0]["value"] == pytest.approx(0.9)
     assert ("compute", "absorb") not in got                          # 32 heads x s_q 1 < 128 rows
-    # per layer: the per-layer floor (1.5 us here) sets the ceiling
-    per_layer = {(t["target"], t["path"]): t for t in bench_decode.targets(_result(rows, layers=32))}
+    # a cell timed over several layers: the per-layer floor (1.5 us here) sets its ceiling; in the
+    # same run a cell capped to one layer keeps the per-call floor
+    layered = [dict(r, layers=32) for r in rows if r["B"] == 1] + [r for r in rows if r["B"] != 1]
+    per_layer = {(t["target"], t["path"]): t for t in bench_decode.targets(_result(layered, layers=32))}
     assert per_layer[("b1", "absorb")]["misses"][0]["ceiling"] == pytest.approx(100 * 2 / 3.5)
+    gqa_miss = per_layer[("memory", "gqa")]["misses"][0]                  # B=32: timed as one call
+    assert gqa_miss["ceiling"] == pytest.approx(100 * 85 / 88)
+    md = "\n".join(bench_decode.targets_markdown(_result(layered, layers=32)))
+    assert "3.00 us per call, 1.50 us per layer" in md
     # no floor measured (eager timing): misses carry no ceiling
     eager = {(t["target"], t["path"]): t for t in bench_decode.targets(_result(rows, floor=None))}
     assert eager[("b1", "absorb")]["misses"][0]["ceiling"] is None
