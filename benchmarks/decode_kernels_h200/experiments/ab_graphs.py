@@ -40,6 +40,26 @@ def capture(fn, dev):
     return g, out
 
 
+def capture_layers(v, calls, dev):
+    """Graphs of variant ``v`` over one decode step's layers: {(v, 1): ``calls[0]`` alone, and with
+    more than one call (v, len(calls)): all of them back to back} (``capture``'s pairs)."""
+    graphs = {(v, 1): capture(calls[0], dev)}
+    if len(calls) > 1:
+        graphs[(v, len(calls))] = capture(lambda: [c() for c in calls], dev)
+    return graphs
+
+
+def graph_errors(graphs, ref, dev):
+    """Replay each graph of ``capture_layers`` once more (after timing): {key: max |difference|
+    of its layer-0 output from ``ref``}."""
+    err = {}
+    for (v, n), (g, out) in graphs.items():   # the replays still compute layer 0's result
+        g.replay()
+        torch.cuda.synchronize(dev)
+        err[(v, n)] = ((out if n == 1 else out[0]).float() - ref.float()).abs().max().item()
+    return err
+
+
 def time_interleaved(graphs, dev, flush, *, rounds, iters):
     """{key: median over ``rounds`` of the median replay time (us) / key[1]} for graphs keyed
     (variant, layers); every round times each graph ``iters`` times, ``flush()`` before each."""
@@ -74,18 +94,10 @@ def time_variants(variants, xs, n_layers, ref, dev, flush, *, rounds, iters, mak
         eager[v] = (make(v, xs[0])().float() - ref.float()).abs().max().item()
         calls = [make(v, x) for x in xs[:n_layers]]
         keep.append(calls)   # the closures own the output buffers the graphs write
-        graphs[(v, 1)] = capture(calls[0], dev)
-        if n_layers > 1:
-            graphs[(v, n_layers)] = capture(lambda calls=calls: [c() for c in calls], dev)
+        graphs.update(capture_layers(v, calls, dev))
     activate(None)
     res = time_interleaved(graphs, dev, flush, rounds=rounds, iters=iters)
-    graph_err = {}
-    for (v, n), (g, out) in graphs.items():   # the replays still compute layer 0's result
-        g.replay()
-        torch.cuda.synchronize(dev)
-        first = out if n == 1 else out[0]
-        graph_err[(v, n)] = (first.float() - ref.float()).abs().max().item()
-    return res, eager, graph_err
+    return res, eager, graph_errors(graphs, ref, dev)
 
 
 def float64_checks(cases, variants, dev, run):

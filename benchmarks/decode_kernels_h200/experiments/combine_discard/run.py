@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, ".")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ab_graphs import capture, cell_inputs, eager_check, make_call, setup, time_interleaved  # noqa: E402
+from ab_graphs import (capture_layers, cell_inputs, eager_check, graph_errors, make_call, setup,  # noqa: E402
+                       time_interleaved)
 from gqla_megatron.kernels import triton_decode as td  # noqa: E402
 
 CELLS = [  # (kernel, path, B, L, s_q)
@@ -47,17 +48,10 @@ def main():
             td.COMBINE_DISCARD = flag
             calls = [make_call(kernel, path, shp, x)[0] for x in xs[:n_layers]]
             keep.append(calls)   # the closures own the output buffers the graphs write
-            graphs[(v, 1)] = capture(calls[0], dev)
-            if n_layers > 1:
-                graphs[(v, n_layers)] = capture(lambda calls=calls: [c() for c in calls], dev)
+            graphs.update(capture_layers(v, calls, dev))
         td.COMBINE_DISCARD = False
         res = time_interleaved(graphs, dev, flush, rounds=args.rounds, iters=args.iters)
-        graph_err = {}
-        for (v, n), (g, out) in graphs.items():   # the replays still compute layer 0's result
-            g.replay()
-            torch.cuda.synchronize(dev)
-            first = out if n == 1 else out[0]
-            graph_err[(v, n)] = (first.float() - ref[0].float()).abs().max().item()
+        graph_err = graph_errors(graphs, ref[0], dev)
         copy_us = need / (copy_tbps * 1e12) * 1e6
         line = [f"{kernel:8s} {path:6s} B={B:3d} L={L:6d} s_q={S} splits={note['num_splits']:3d} layers={n_layers:2d}"]
         for mode in sorted({k[1] for k in res}):
@@ -67,7 +61,6 @@ def main():
         line.append(f"  max |diff| vs keep: eager {errs['discard']:.1e}; graphs "
                     + ", ".join(f"{v}/{n} {e:.1e}" for (v, n), e in graph_err.items()))
         print("\n".join(line), flush=True)
-        g = out = first = None
         del xs, graphs, keep
         torch.cuda.empty_cache()
 

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, ".")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ab_graphs import capture, cell_inputs, eager_check, make_call, setup, time_interleaved  # noqa: E402
+from ab_graphs import capture_layers, cell_inputs, eager_check, make_call, setup, time_interleaved  # noqa: E402
 from gqla_megatron.kernels import tilelang_decode as tld  # noqa: E402
 from gqla_megatron.kernels import triton_decode as td  # noqa: E402
 
@@ -62,13 +62,10 @@ def main():
             calls = [make_call(kernel, path, shp, x)[0] for x in xs[:n_layers]]
             keep.append(calls)   # the closures own the output buffers the graphs write
             try:
-                graphs[(v, 1)] = capture(calls[0], dev)
-                if n_layers > 1:
-                    graphs[(v, n_layers)] = capture(lambda calls=calls: [c() for c in calls], dev)
+                graphs.update(capture_layers(v, calls, dev))
             except Exception as e:   # report, time the others
                 print(f"  {v}: graph capture failed: {str(e)[:200]}")
                 variants.remove(v)
-                graphs = {k: g for k, g in graphs.items() if k[0] != v}
         set_variant("base")
         res = time_interleaved(graphs, dev, flush, rounds=args.rounds, iters=args.iters)
         copy_us = need / (copy_tbps * 1e12) * 1e6

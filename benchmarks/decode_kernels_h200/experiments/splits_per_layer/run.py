@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, ".")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ab_graphs import capture, cell_inputs, setup, time_interleaved  # noqa: E402
+from ab_graphs import capture_layers, cell_inputs, setup, time_interleaved  # noqa: E402
 from gqla_megatron import bench_decode as bd  # noqa: E402
 from gqla_megatron.kernels import tilelang_decode as tld  # noqa: E402
 from gqla_megatron.kernels import triton_decode as td  # noqa: E402
@@ -87,9 +87,7 @@ def main():
             diffs[v] = (o - ref).abs().max().item()
             fns = [c for c, _ in calls]
             keep.append(fns)
-            graphs[(v, 1)] = capture(fns[0], dev)
-            if n_layers > 1:
-                graphs[(v, n_layers)] = capture(lambda fns=fns: [f() for f in fns], dev)
+            graphs.update(capture_layers(v, fns, dev))
         res = time_interleaved(graphs, dev, flush, rounds=args.rounds, iters=args.iters)
         copy_us = need / (copy_tbps * 1e12) * 1e6
         print(f"{kernel:8s} {path:6s} B={B:3d} L={L:6d} s_q={S} heads={shp.heads} layers={n_layers}")
