@@ -147,10 +147,9 @@ def splits_for(batch: int, rows: int, max_len: int, sms: int) -> int:
     from . import triton_decode as td
 
     units = batch * -(-rows // BLOCK_M)
-    if min(rows, BLOCK_M) <= 32:
-        return td.choose_num_splits(units, max_len, sms, waves=WAVES, min_chunk=MIN_CHUNK, block_n=BLOCK_N,
-                                    tile_rounding=True)
-    return td.choose_num_splits(units, max_len, sms, waves=WAVES, min_chunk=MIN_CHUNK_FULL_ROWS, block_n=BLOCK_N)
+    few = min(rows, BLOCK_M) <= 32
+    return td.choose_num_splits(units, max_len, sms, waves=WAVES, min_chunk=MIN_CHUNK if few else MIN_CHUNK_FULL_ROWS,
+                                block_n=BLOCK_N, tile_rounding=few)
 
 
 def warmup_plan(path: str, *, max_batch: int, s_q, heads: int, groups: int, width: int, max_len: int,
