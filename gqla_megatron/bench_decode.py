@@ -263,14 +263,15 @@ def measure_launch_floor(dev: torch.device, flush: Optional[Callable], *, iters:
     With ``layers`` > 1 also per layer of ``layers`` such one- (two-) kernel layers in one replay,
     as ``--layers`` times the cells (``floor1_layer_us``, ``floor2_layer_us``)."""
     x = torch.zeros(1, device=dev)
-    one = time_graph(lambda: x.add_(1), dev, warmup=3, iters=iters, flush=flush)
-    two = time_graph(lambda: (x.add_(1), x.mul_(1)), dev, warmup=3, iters=iters, flush=flush)
-    out = {"floor1_us": one * 1e6, "floor2_us": two * 1e6}
+    kernels = (lambda: x.add_(1), lambda: x.mul_(1))
+
+    def per_layer_us(k: int, n: int) -> float:   # n layers of k one-element kernels in one replay
+        step = lambda: [kern() for _ in range(n) for kern in kernels[:k]]  # noqa: E731
+        return time_graph(step, dev, warmup=3, iters=iters, flush=flush) * 1e6 / n
+
+    out = {"floor1_us": per_layer_us(1, 1), "floor2_us": per_layer_us(2, 1)}
     if layers > 1:
-        one = time_graph(lambda: [x.add_(1) for _ in range(layers)], dev, warmup=3, iters=iters, flush=flush)
-        two = time_graph(lambda: [(x.add_(1), x.mul_(1)) for _ in range(layers)], dev, warmup=3,
-                         iters=iters, flush=flush)
-        out.update(floor1_layer_us=one * 1e6 / layers, floor2_layer_us=two * 1e6 / layers)
+        out.update(floor1_layer_us=per_layer_us(1, layers), floor2_layer_us=per_layer_us(2, layers))
     return out
 
 

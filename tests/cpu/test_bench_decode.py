@@ -247,3 +247,21 @@ def test_allocator_setting_respects_the_environment(monkeypatch):
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     assert bench_decode._set_allocator("expandable") == "expandable_segments:True"
     assert calls == ["expandable_segments:True"] and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == calls[0]
+
+
+def test_launch_floor_graphs_hold_one_or_two_kernels_per_layer(monkeypatch):
+    """measure_launch_floor's replays: one (two) one-element kernels per layer, one layer or
+    ``layers`` of them, per-layer figures divided by the layer count. Fake timing on CPU: each
+    graph 'takes' 1 us per kernel launched by its step."""
+    launched = []
+
+    def fake_time_graph(fn, dev, *, warmup, iters, flush=None):
+        out = fn()
+        launched.append(len(out))
+        return len(out) * 1e-6
+
+    monkeypatch.setattr(bench_decode, "time_graph", fake_time_graph)
+    got = bench_decode.measure_launch_floor(torch.device("cpu"), None, iters=3, layers=5)
+    assert launched == [1, 2, 5, 10]
+    assert got == pytest.approx({"floor1_us": 1.0, "floor2_us": 2.0, "floor1_layer_us": 1.0, "floor2_layer_us": 2.0})
+    assert set(bench_decode.measure_launch_floor(torch.device("cpu"), None, iters=3)) == {"floor1_us", "floor2_us"}
